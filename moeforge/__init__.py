@@ -1,0 +1,8 @@
+"""moeforge: DeepSeek V3/V4-family Mixture-of-Experts models in plain PyTorch."""
+
+from moeforge.config import ModelConfig, get_preset, load_config
+from moeforge.model.checkpoint import load_model, save_model
+from moeforge.model.transformer import ModelOutput, Transformer
+
+__all__ = ["ModelConfig", "ModelOutput", "Transformer", "get_preset", "load_config", "load_model", "save_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from moeforge.cli import main
+
+sys.exit(main())

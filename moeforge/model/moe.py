@@ -1,0 +1,130 @@
+"""Mixture-of-Experts block: router, fused routed experts, shared experts.
+
+DeepSeekMoE (V2 report section 2.2, V3 report section 2.1.2):
+
+* Router: scores s = sigmoid(x W^T) (V3) or softmax (V2) in fp32. Group-limited
+  selection keeps the best `topk_group` of `n_group` expert groups (V3: group score =
+  sum of its top-2 of s + b; V2: max of s), then top-k. The bias b
+  (`e_score_correction_bias`, fp32 buffer) affects *selection only*; gate weights come
+  from the unbiased s, optionally renormalised, times `routed_scaling_factor`.
+* Routed experts: weights fused as (E, ...) tensors; token-expert pairs are sorted by
+  expert and each contiguous segment is multiplied once (moeforge.ops.grouped). No
+  dense (tokens x experts) masks. `GroupedExperts` takes rows already sorted plus
+  per-expert counts: the seam an expert-parallel wrapper replaces.
+* Shared experts: one SwiGLU MLP of width n_shared * moe_intermediate_size.
+
+The block also returns what training needs: tokens per expert (for the
+auxiliary-loss-free bias update) and the sequence-wise balance loss
+sum_i f_i P_i (V3 report eq. 17-20, unweighted; the trainer multiplies by alpha).
+
+Shapes: B batch, T tokens, N = B*T, D hidden, E experts, K top-k, I expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeforge.config import MoEConfig
+from moeforge.model.layers import MLP
+from moeforge.ops.grouped import grouped_linear
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor  # (N, K) long: chosen experts
+    weights: torch.Tensor  # (N, K) fp32: gate weights
+    scores: torch.Tensor  # (N, E) fp32: unbiased affinity scores
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim, dtype=torch.float32))
+        if cfg.has_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+                fill = float("-inf")
+            else:
+                group_scores = grouped.amax(-1)
+                fill = 0.0  # V2 zeroes the dropped groups' scores
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), fill).flatten(1)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return Routing(indices, weights * cfg.routed_scaling_factor, scores)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts in fused tensors, HF layout: gate_up_proj (E, 2I, D), down_proj (E, D, I)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, impl: str = "auto"):
+        super().__init__()
+        E, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
+        self.impl = impl
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, dim))
+        self.down_proj = nn.Parameter(torch.empty(E, dim, inter))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D)."""
+        gate, up = grouped_linear(x, self.gate_up_proj, counts, self.impl).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.impl)
+
+
+@dataclass
+class MoEStats:
+    counts: torch.Tensor  # (E,) tokens routed to each expert in this call
+    balance_loss: torch.Tensor  # scalar fp32, sequence-wise sum_i f_i P_i averaged over sequences
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig, impl: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(dim, cfg)
+        self.experts = GroupedExperts(dim, cfg, impl)
+        self.shared_experts = (
+            MLP(dim, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x.shape
+        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        flat = x.reshape(-1, D)
+        r = self.gate(flat)
+        expert_of_pair = r.indices.flatten()  # (N*K,)
+        order = expert_of_pair.argsort(stable=True)
+        counts = torch.bincount(expert_of_pair, minlength=E)
+        y_sorted = self.experts(flat[order // K], counts)  # (N*K, D)
+        y = y_sorted[order.argsort()].view(-1, K, D)  # back to (N, K, D) pair order
+        out = torch.einsum("nkd,nk->nd", y.float(), r.weights).to(x.dtype).view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        # the balance loss only matters for training; skip its (N, E) work at inference
+        loss = self._balance_loss(r, B, T) if self.training else r.scores.new_zeros(())
+        return out, MoEStats(counts.detach(), loss)
+
+    def _balance_loss(self, r: Routing, B: int, T: int) -> torch.Tensor:
+        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        chosen = torch.zeros(B * T, E, device=r.scores.device).scatter_(1, r.indices, 1.0).view(B, T, E)
+        f = chosen.sum(1) * (E / (K * T))  # (B, E)
+        p = (r.scores / r.scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
+        return (f * p).sum(-1).mean()

@@ -1,0 +1,154 @@
+"""The DeepSeek V2/V3-family decoder: blocks, multi-token prediction, the whole model.
+
+Block (pre-norm): h = h + MLA(norm(h)); h = h + FFN(norm(h)), the FFN dense SwiGLU for
+the first `first_k_dense_replace` layers and MoE after.
+
+MTP (V3 report section 2.2): module k (1-based) combines the previous depth's hidden
+state h^{k-1}_i with the embedding of token i+k:
+    h^k_i = Block_k(eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]))
+and predicts token i+k+1 through the shared head after its own norm. h^0 is the main
+model's output (after the final norm). The embedding and head are shared with the main
+model. For input length T, depth k yields logits for positions 0..T-k-1.
+
+Parameter names follow HF / DeepSeek checkpoints (`layers.N.self_attn.kv_b_proj`,
+`layers.N.mlp.gate.e_score_correction_bias`, ...) so conversion is mostly renaming.
+
+Shapes: B batch, T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moeforge.config import ModelConfig
+from moeforge.model.layers import MLP, RMSNorm, RotaryEmbedding
+from moeforge.model.mla import MLA, LatentKV
+from moeforge.model.moe import MoE, MoEStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden: torch.Tensor  # (B, T, D) after the final norm
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V), predicts t_{i+k+1}
+    moe_stats: list[MoEStats] = field(default_factory=list)  # main MoE layers, then MTP layers
+    cache: list[LatentKV] | None = None
+
+    @property
+    def expert_counts(self) -> torch.Tensor:
+        """(num MoE layers incl. MTP, E) tokens routed to each expert."""
+        return torch.stack([s.counts for s in self.moe_stats])
+
+    @property
+    def balance_loss(self) -> torch.Tensor:
+        """Mean over MoE layers of the sequence-wise balance loss (unweighted)."""
+        return torch.stack([s.balance_loss for s in self.moe_stats]).mean()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, impl: str = "auto"):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg.hidden_size, cfg.attention)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoE(cfg.hidden_size, cfg.moe, impl) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LatentKV | None = None, absorbed: bool = False
+    ) -> tuple[torch.Tensor, LatentKV, MoEStats | None]:
+        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, past, absorbed)
+        h = h + a
+        f = self.mlp(self.post_attention_layernorm(h))
+        stats = None
+        if isinstance(f, tuple):
+            f, stats = f
+        return h + f, kv, stats
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig, impl: str = "auto"):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, moe=True, impl=impl)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF/DeepSeek: shared_head.norm
+
+    def forward(
+        self, emb: torch.Tensor, h_prev: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        h, _, stats = self.block(h, cos, sin)
+        return h, stats
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, impl: str = "auto"):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i), impl) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg, impl) for _ in range(cfg.mtp.num_layers))
+        self.rotary = RotaryEmbedding(cfg.attention.qk_rope_head_dim, cfg.attention.rope)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if p.dim() == 1:  # norms
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias") and not b.is_meta:
+                b.zero_()
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        start_pos: int = 0,
+        cache: list[LatentKV] | None = None,
+        absorbed: bool = False,
+        mtp: bool = True,
+        return_cache: bool = False,
+    ) -> ModelOutput:
+        """ids (B, T) -> logits (B, T, V). With `cache`, ids continue the cached tokens at `start_pos`."""
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
+        B, T = ids.shape
+        positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+        cos, sin = self.rotary(positions)
+        h = self.embed_tokens(ids)
+        new_cache: list[LatentKV] = []
+        stats: list[MoEStats] = []
+        for i, layer in enumerate(self.layers):
+            h, kv, s = layer(h, cos, sin, None if cache is None else cache[i], absorbed)
+            if return_cache:
+                new_cache.append(kv)
+            if s is not None:
+                stats.append(s)
+        h = self.norm(h)
+        out = ModelOutput(logits=self.lm_head(h), hidden=h, moe_stats=stats,
+                          cache=new_cache if return_cache else None)
+        if mtp and cache is None:
+            h_prev = h
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                n = T - k
+                h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, :n], cos[:n], sin[:n])
+                out.mtp_logits.append(self.lm_head(module.norm(h_prev)))
+                if s is not None:
+                    stats.append(s)
+        return out

@@ -1,0 +1,94 @@
+"""Grouped matmul over contiguous per-expert segments: y[seg e] = x[seg e] @ w[e]^T.
+
+Rows of x are sorted by expert; `counts[e]` rows belong to expert e. Three
+implementations of the same product:
+
+* "loop": one `mm` per non-empty segment (split + unbind views, so backward writes each
+  expert's gradient once and never materialises a zero tensor per expert);
+* "grouped_mm": `torch._grouped_mm` forward *and* backward (our own autograd function:
+  the stock backward fails on CPU in torch 2.13 with "Invalid strides/sizes");
+* `grouped_linear_reference`: gathers each row's weight matrix and runs a batched
+  matmul — slow and memory-hungry, the plain reference the others are tested against.
+
+`pick_impl` chooses per device by a probe (does grouped_mm run forward and backward
+in this dtype?) and by measurement (benchmarks/moe_layer.py): on CPU both run at the
+same speed, and "loop" is kept as the default because it needs no private API.
+
+Shapes: M sorted rows, K in-features, N out-features, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+IMPLS = ("auto", "loop", "grouped_mm")
+
+
+def grouped_linear_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    expert_of_row = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts)
+    return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(1, 2)).squeeze(1)
+
+
+def _loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    sizes = counts.tolist()
+    outs = [xs @ we.t() for xs, we, n in zip(x.split(sizes), w.unbind(0), sizes) if n > 0]
+    if not outs:
+        return x.new_zeros(0, w.shape[1])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        x, w, offs = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = torch._grouped_mm(gy, w, offs=offs) if ctx.needs_input_grad[0] else None
+        # (N, M) x (M, K) with M split by offs -> (E, N, K); empty segments give zeros
+        gw = torch._grouped_mm(gy.t().contiguous(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    offs = counts.cumsum(0).to(torch.int32)
+    return _GroupedMM.apply(x.contiguous(), w, offs)
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once per (device type, dtype): does our grouped_mm path run forward and backward?"""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        y = _grouped(x, w, torch.tensor([3, 5], device=device_type))
+        y.sum().backward()
+        ref = _loop(x.detach().float(), w.detach().float(), torch.tensor([3, 5]))
+        return bool(torch.allclose(y.detach().float().cpu(), ref.cpu(), atol=1e-1, rtol=1e-2))
+    except Exception:  # noqa: BLE001 - any failure means "not available here"
+        return False
+
+
+def pick_impl(device: torch.device, dtype: torch.dtype, impl: str = "auto") -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown grouped matmul impl {impl!r}; choose one of {IMPLS}")
+    if impl == "grouped_mm" and not grouped_mm_works(device.type, dtype):
+        raise ValueError(f"torch._grouped_mm does not run on {device.type} in {dtype}; use impl='loop'")
+    if impl != "auto":
+        return impl
+    # CPU: measured equal speed (benchmarks/moe_layer.py), keep the public-API loop.
+    if device.type == "cpu":
+        return "loop"
+    return "grouped_mm" if grouped_mm_works(device.type, dtype) else "loop"
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    impl = pick_impl(x.device, x.dtype, impl)
+    return _grouped(x, w, counts) if impl == "grouped_mm" else _loop(x, w, counts)
