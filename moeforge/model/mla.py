@@ -130,7 +130,8 @@ class MLA(nn.Module):
         w_k, w_v = self._kv_b_weights()
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_k)  # query moved into latent space
         scores = torch.einsum("bthc,bsc->bhts", q_lat, kv.latent) + torch.einsum("bthr,bsr->bhts", q_rope, kv.k_rope)
-        scores = scores.float() * self.softmax_scale
+        # softmax statistics in at least fp32
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.softmax_scale
         mask = self._causal_mask(T, S, scores.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))

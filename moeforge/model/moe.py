@@ -115,7 +115,8 @@ class MoE(nn.Module):
         counts = torch.bincount(expert_of_pair, minlength=E)
         y_sorted = self.experts(flat[order // K], counts)  # (N*K, D)
         y = y_sorted[order.argsort()].view(-1, K, D)  # back to (N, K, D) pair order
-        out = torch.einsum("nkd,nk->nd", y.float(), r.weights).to(x.dtype).view(B, T, D)
+        acc = torch.promote_types(x.dtype, torch.float32)  # weigh and sum the K outputs in >= fp32
+        out = torch.einsum("nkd,nk->nd", y.to(acc), r.weights.to(acc)).to(x.dtype).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         # the balance loss only matters for training; skip its (N, E) work at inference

@@ -34,8 +34,8 @@ def grouped_linear_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Ten
 def _loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     sizes = counts.tolist()
     outs = [xs @ we.t() for xs, we, n in zip(x.split(sizes), w.unbind(0), sizes) if n > 0]
-    if not outs:
-        return x.new_zeros(0, w.shape[1])
+    if not outs:  # no rows at all: keep the graph connected
+        return x[:0] @ w[0].t()
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -50,8 +50,13 @@ class _GroupedMM(torch.autograd.Function):
         x, w, offs = ctx.saved_tensors
         gy = gy.contiguous()
         gx = torch._grouped_mm(gy, w, offs=offs) if ctx.needs_input_grad[0] else None
-        # (N, M) x (M, K) with M split by offs -> (E, N, K); empty segments give zeros
-        gw = torch._grouped_mm(gy.t().contiguous(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            # (N, M) x (M, K) with M split by offs -> (E, N, K); empty segments give zeros.
+            # grouped_mm wants 16-byte-aligned strides: pad M with zero rows (they add nothing).
+            pad = -x.shape[0] % max(1, 16 // x.element_size())
+            gy_t = torch.nn.functional.pad(gy, (0, 0, 0, pad)).t().contiguous()
+            gw = torch._grouped_mm(gy_t, torch.nn.functional.pad(x, (0, 0, 0, pad)), offs=offs)
         return gx, gw, None
 
 
@@ -66,11 +71,11 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        y = _grouped(x, w, torch.tensor([3, 5], device=device_type))
+        x = torch.randn(13, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(3, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        y = _grouped(x, w, torch.tensor([5, 0, 8], device=device_type))
         y.sum().backward()
-        ref = _loop(x.detach().float(), w.detach().float(), torch.tensor([3, 5]))
+        ref = _loop(x.detach().float(), w.detach().float(), torch.tensor([5, 0, 8]))
         return bool(torch.allclose(y.detach().float().cpu(), ref.cpu(), atol=1e-1, rtol=1e-2))
     except Exception:  # noqa: BLE001 - any failure means "not available here"
         return False

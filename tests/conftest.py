@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+from moeforge.config import get_preset
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_cfg():
+    return get_preset("tiny")

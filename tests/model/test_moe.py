@@ -1,0 +1,148 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
+
+from moeforge.config import MoEConfig
+from moeforge.model.moe import MoE, Router
+from moeforge.ops.grouped import grouped_mm_works
+
+D = 32
+
+
+def _v3_cfg(**kw):
+    base = dict(n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=24, n_group=4,
+                topk_group=2, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                routed_scaling_factor=2.5)
+    base.update(kw)
+    return MoEConfig(**base)
+
+
+def _hf_v3(cfg: MoEConfig):
+    return DeepseekV3Config(hidden_size=D, moe_intermediate_size=cfg.moe_intermediate_size,
+                            n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
+                            num_experts_per_tok=cfg.num_experts_per_tok, n_group=cfg.n_group,
+                            topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                            routed_scaling_factor=cfg.routed_scaling_factor)
+
+
+def _sorted_pairs(idx, w):
+    order = idx.argsort(-1)
+    return idx.gather(1, order), w.gather(1, order)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_sigmoid_group_router_matches_hf_v3(norm):
+    cfg = _v3_cfg(norm_topk_prob=norm)
+    ours, hf = Router(D, cfg), DeepseekV3TopkRouter(_hf_v3(cfg))
+    torch.nn.init.normal_(ours.weight, std=0.3)
+    ours.e_score_correction_bias.uniform_(-0.3, 0.3)  # large enough to change selections
+    hf.weight.data.copy_(ours.weight)
+    hf.e_score_correction_bias.copy_(ours.e_score_correction_bias)
+    x = torch.randn(200, D)
+    r = ours(x)
+    _, hw, hi = hf(x)
+    i1, w1 = _sorted_pairs(r.indices, r.weights)
+    i2, w2 = _sorted_pairs(hi, hw)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(w1, w2)
+    # the bias changes which experts are picked but never the weights' source scores
+    unbiased = Router(D, cfg)
+    unbiased.weight.data.copy_(ours.weight)
+    assert not torch.equal(unbiased(x).indices.sort(-1).values, i1)
+    torch.testing.assert_close(r.weights, r.scores.gather(1, r.indices) / (
+        r.scores.gather(1, r.indices).sum(-1, keepdim=True) if norm else 1) * 2.5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_softmax_router_matches_hf_v2(method):
+    cfg = MoEConfig(n_routed_experts=16, num_experts_per_tok=3, moe_intermediate_size=8, n_group=4, topk_group=2,
+                    scoring_func="softmax", topk_method=method, norm_topk_prob=False, routed_scaling_factor=1.7)
+    hf_cfg = DeepseekV2Config(hidden_size=D, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                              topk_method=method, routed_scaling_factor=1.7)
+    ours, hf = Router(D, cfg), DeepseekV2TopkRouter(hf_cfg)
+    torch.nn.init.normal_(ours.weight, std=0.3)
+    hf.weight.data.copy_(ours.weight)
+    x = torch.randn(100, D)
+    r = ours(x)
+    _, hw, hi = hf(x)
+    i1, w1 = _sorted_pairs(r.indices, r.weights)
+    i2, w2 = _sorted_pairs(hi, hw)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(w1, w2)
+
+
+def _reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the definition of the block."""
+    flat = x.reshape(-1, D)
+    r = moe.gate(flat)
+    out = torch.zeros_like(flat)
+    inter = moe.cfg.moe_intermediate_size
+    for n in range(flat.shape[0]):
+        for k in range(moe.cfg.num_experts_per_tok):
+            e = r.indices[n, k]
+            gu = moe.experts.gate_up_proj[e] @ flat[n]
+            h = F.silu(gu[:inter]) * gu[inter:]
+            out[n] += r.weights[n, k] * (moe.experts.down_proj[e] @ h)
+    return (out + moe.shared_experts(flat)).view_as(x)
+
+
+def _init(moe):
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return moe
+
+
+def test_moe_block_matches_per_token_reference_and_hf():
+    cfg = _v3_cfg()
+    moe = _init(MoE(D, cfg)).double()
+    moe.gate.weight.data = moe.gate.weight.data.float()
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    y, stats = moe(x)
+    torch.testing.assert_close(y, _reference_moe(moe, x), atol=1e-9, rtol=1e-9)
+    assert int(stats.counts.sum()) == 18 * cfg.num_experts_per_tok
+    # HF block with the same weights (its state dict names are ours)
+    hf = DeepseekV3MoE(_hf_v3(cfg)).double()
+    hf.gate.weight.data = hf.gate.weight.data.float()
+    missing = hf.load_state_dict(moe.state_dict(), strict=True)
+    assert not missing.missing_keys
+    # HF rounds part of its expert path through fp32, hence the looser bound
+    torch.testing.assert_close(y, hf(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_moe_backward_matches_reference(impl):
+    if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.float32):
+        pytest.skip("grouped_mm not available")
+    cfg = _v3_cfg()
+    moe = _init(MoE(D, cfg, impl=impl))
+    ref = _init(MoE(D, cfg))
+    ref.load_state_dict(moe.state_dict())
+    x = torch.randn(3, 7, D)
+    moe(x)[0].square().sum().backward()
+    _reference_moe(ref, x).square().sum().backward()
+    for (name, p), q in zip(moe.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_balance_loss_definition():
+    cfg = _v3_cfg()
+    moe = _init(MoE(D, cfg)).train()
+    x = torch.randn(2, 10, D)
+    _, stats = moe(x)
+    r = moe.gate(x.reshape(-1, D))
+    E, K, T = cfg.n_routed_experts, cfg.num_experts_per_tok, 10
+    expected = 0.0
+    for b in range(2):
+        idx = r.indices[b * T:(b + 1) * T]
+        s = r.scores[b * T:(b + 1) * T]
+        f = torch.stack([(idx == i).any(-1).float().sum() for i in range(E)]) * E / (K * T)
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        expected += (f * p).sum() / 2
+    torch.testing.assert_close(stats.balance_loss, expected)
+    # perfectly uniform routing gives exactly 1 in expectation; a collapsed router gives more
+    assert stats.balance_loss > 0.5
+    moe.eval()
+    assert moe(x)[1].balance_loss == 0
