@@ -214,19 +214,16 @@ class ModelConfig:
         rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
         theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope = RopeConfig(
-            theta=float(theta),
-            interleave=bool(get("rope_interleave", True)),
-            type=rtype,
-            factor=float(rp.get("factor") or 1.0),
-            original_max_position_embeddings=int(
+        rope = RopeConfig(theta=float(theta), interleave=bool(get("rope_interleave", True)), type=rtype)
+        if rtype == "yarn":  # the scaling fields mean nothing for plain RoPE; leave their defaults
+            rope.factor = float(rp.get("factor") or 1.0)
+            rope.original_max_position_embeddings = int(
                 rp.get("original_max_position_embeddings") or get("max_position_embeddings", 4096)
-            ),
-            beta_fast=float(rp.get("beta_fast") or 32.0),
-            beta_slow=float(rp.get("beta_slow") or 1.0),
-            mscale=float(rp.get("mscale") or 0.0),
-            mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0),
-        )
+            )
+            rope.beta_fast = float(rp.get("beta_fast") or 32.0)
+            rope.beta_slow = float(rp.get("beta_slow") or 1.0)
+            rope.mscale = float(rp.get("mscale") or 0.0)
+            rope.mscale_all_dim = float(rp.get("mscale_all_dim") or 0.0)
         n_heads = get("num_attention_heads", 32)
         attention = AttentionConfig(
             num_heads=n_heads,

@@ -103,6 +103,8 @@ def build_empty(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | Non
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
+        model.lm_head.weight = model.embed_tokens.weight
     if dtype is not None:
         keep_fp32(model, dtype)
     return model
@@ -131,12 +133,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     from moeforge.device import default_device  # local: device probing is not needed to build configs
 
     device = torch.device(device) if device is not None else default_device()
-    cfg = load_config(path)
-    model = build_empty(cfg, device, dtype)
     if is_hf_folder(path):
-        from moeforge.interop.hf import iter_hf_tensors
+        from moeforge.interop.hf import hf_config, iter_hf_tensors
 
+        cfg = hf_config(path)  # config.json, with the MTP depth the weights actually hold
+        model = build_empty(cfg, device, dtype)
         load_tensors(model, iter_hf_tensors(path, cfg), str(path))
     else:
+        model = build_empty(load_config(path), device, dtype)
         load_tensors(model, iter_safetensors(path / WEIGHTS), str(path / WEIGHTS))
     return model.eval()

@@ -31,6 +31,7 @@ from torch import nn
 from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
 from moeforge.ops.grouped import grouped_linear
+from moeforge.ops.permute import dispatch, unsort
 
 
 @dataclass
@@ -111,12 +112,13 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         r = self.gate(flat)
         expert_of_pair = r.indices.flatten()  # (N*K,)
-        order = expert_of_pair.argsort(stable=True)
+        order = expert_of_pair.argsort(stable=True)  # pair indices in expert order
+        inv = order.argsort()
         counts = torch.bincount(expert_of_pair, minlength=E)
-        y_sorted = self.experts(flat[order // K], counts)  # (N*K, D)
-        y = y_sorted[order.argsort()].view(-1, K, D)  # back to (N, K, D) pair order
+        y_sorted = self.experts(dispatch(flat, order, inv, K), counts)  # (N*K, D)
+        y = unsort(y_sorted, order, inv).view(-1, K, D)  # back to (N, K, D) pair order
         acc = torch.promote_types(x.dtype, torch.float32)  # weigh and sum the K outputs in >= fp32
-        out = torch.einsum("nkd,nk->nd", y.to(acc), r.weights.to(acc)).to(x.dtype).view(B, T, D)
+        out = (y.to(acc) * r.weights.to(acc).unsqueeze(-1)).sum(1).to(x.dtype).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         # the balance loss only matters for training; skip its (N, E) work at inference

@@ -3,8 +3,8 @@
 Rows of x are sorted by expert; `counts[e]` rows belong to expert e. Three
 implementations of the same product:
 
-* "loop": one `mm` per non-empty segment (split + unbind views, so backward writes each
-  expert's gradient once and never materialises a zero tensor per expert);
+* "loop": one `mm` per non-empty segment, forward and backward written in place into
+  preallocated outputs (no concatenation, no zero-filled gradient per expert);
 * "grouped_mm": `torch._grouped_mm` forward *and* backward (our own autograd function:
   the stock backward fails on CPU in torch 2.13 with "Invalid strides/sizes");
 * `grouped_linear_reference`: gathers each row's weight matrix and runs a batched
@@ -31,12 +31,48 @@ def grouped_linear_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Ten
     return torch.bmm(x.unsqueeze(1), w[expert_of_row].transpose(1, 2)).squeeze(1)
 
 
+class _LoopMM(torch.autograd.Function):
+    """One `mm` per non-empty segment, written straight into preallocated outputs.
+
+    Forward and backward write each segment's result in place (`out=`), so there is no
+    concatenation of outputs and no stacking of per-expert weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        sizes = counts.tolist()
+        y = x.new_empty(x.shape[0], w.shape[1])
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(x[start : start + n], w[e].t(), out=y[start : start + n])
+            start += n
+        ctx.sizes = sizes
+        ctx.save_for_backward(x, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        gw = w.new_empty(w.shape) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            seg = slice(start, start + n)
+            if n == 0:
+                if gw is not None:
+                    gw[e].zero_()  # an expert that saw no token gets a zero gradient
+                continue
+            if gx is not None:
+                torch.mm(gy[seg], w[e], out=gx[seg])
+            if gw is not None:
+                torch.mm(gy[seg].t(), x[seg], out=gw[e])
+            start += n
+        return gx, gw, None
+
+
 def _loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    sizes = counts.tolist()
-    outs = [xs @ we.t() for xs, we, n in zip(x.split(sizes), w.unbind(0), sizes) if n > 0]
-    if not outs:  # no rows at all: keep the graph connected
-        return x[:0] @ w[0].t()
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    return _LoopMM.apply(x.contiguous(), w, counts)
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -1,0 +1,142 @@
+"""How fast is our MoE block, forward + backward, against a dense MLP of the same active width and HF's block?
+
+Setting (issue 2): fp32, 2 threads, hidden 512, 64 routed experts of width 256, top-6,
+2 shared experts, 4096 tokens. The dense reference is a SwiGLU MLP of width
+6*256 + 2*256 = 2048, i.e. the same matmul FLOPs per token. HF's DeepseekV3MoE runs
+with each of its experts implementations that works here (eager loop, batched_mm,
+grouped_mm); the best one is the reference. Prints one JSON line per measurement
+and a table with ratios.
+
+    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moeforge.config import MoEConfig
+from moeforge.model.layers import MLP
+from moeforge.model.moe import MoE
+from moeforge.ops.grouped import grouped_mm_works
+
+
+def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor):
+    """A closure running forward + backward of the mean square of the output."""
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        out = module(x.detach().requires_grad_())
+        if isinstance(out, tuple):
+            out = out[0]
+        out.float().square().mean().backward()
+
+    return step
+
+
+def time_round_robin(steps: dict[str, object], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per step; candidates alternate within each round so that load from
+    other processes hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def hf_block(cfg: MoEConfig, hidden: int, impl: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    hf_cfg = DeepseekV3Config(
+        hidden_size=hidden, moe_intermediate_size=cfg.moe_intermediate_size, n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok, n_group=cfg.n_group,
+        topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+    )
+    hf_cfg._experts_implementation = impl
+    block = DeepseekV3MoE(hf_cfg)
+    block.load_state_dict(state)
+    return block
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--expert-width", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=6)
+    ap.add_argument("--shared", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=args.shared, num_experts_per_tok=args.top_k,
+                    moe_intermediate_size=args.expert_width, n_group=8, topk_group=4, scoring_func="sigmoid",
+                    topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5)
+    x = torch.randn(1, args.tokens, args.hidden)
+    active_width = (args.top_k + args.shared) * args.expert_width
+    results: dict[str, float] = {}
+
+    def record(name: str, seconds: float) -> None:
+        tps = args.tokens / seconds
+        results[name] = tps
+        print(json.dumps({"bench": "moe_layer", "impl": name, "tokens_per_s": round(tps, 1),
+                          "seconds": round(seconds, 4), "tokens": args.tokens, "threads": args.threads}), flush=True)
+
+    dense = MLP(args.hidden, active_width)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ours = MoE(args.hidden, cfg)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    steps = {"dense_mlp": fwd_bwd_step(dense, x)}
+    for impl in ("loop", "grouped_mm"):
+        if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.float32):
+            continue
+        block = MoE(args.hidden, cfg, impl=impl)
+        block.load_state_dict(ours.state_dict())
+        steps[f"moeforge_{impl}"] = fwd_bwd_step(block, x)
+    if not args.skip_hf:
+        for impl in ("eager", "batched_mm", "grouped_mm"):
+            try:
+                step = fwd_bwd_step(hf_block(cfg, args.hidden, impl, ours.state_dict()), x)
+                step()
+                steps[f"hf_{impl}"] = step
+            except Exception as e:  # noqa: BLE001 - an implementation that does not run here is reported, not fatal
+                print(json.dumps({"bench": "moe_layer", "impl": f"hf_{impl}", "error": str(e).splitlines()[0][:160]}))
+    for name, seconds in time_round_robin(steps, args.repeats).items():
+        record(name, seconds)
+
+    ours_best = max(v for k, v in results.items() if k.startswith("moeforge_"))
+    hf_best = max((v for k, v in results.items() if k.startswith("hf_")), default=None)
+    summary = {"bench": "moe_layer", "ours_vs_dense": round(ours_best / results["dense_mlp"], 3)}
+    if hf_best:
+        summary["ours_vs_hf_best"] = round(ours_best / hf_best, 3)
+        summary["hf_best_vs_dense"] = round(hf_best / results["dense_mlp"], 3)
+    print(json.dumps(summary))
+
+    table = Table(title=f"MoE block fwd+bwd, fp32, {args.threads} threads, {args.tokens} tokens")
+    table.add_column("implementation")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("vs dense", justify="right")
+    for k, v in results.items():
+        table.add_row(k, f"{v:,.0f}", f"{v / results['dense_mlp']:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
