@@ -1,0 +1,333 @@
+"""Which accelerator to run on, which dtype to use there, and `moeforge doctor`.
+
+The rest of moeforge asks this module instead of calling `torch.cuda.*`: detection goes
+through `torch.accelerator` (CUDA / ROCm, Intel XPU, Apple MPS, and Ascend NPU once
+`torch_npu` is imported), so the same code runs wherever PyTorch does. Capabilities are
+probed, not assumed: a tiny op on the device says whether a dtype, complex numbers or
+grouped matmul work, and a few-millisecond matmul timing says whether a dtype is fast.
+Probes are cached per (device, dtype) with `functools.lru_cache`.
+
+`PEAK_TFLOPS` holds dense (no sparsity) vendor peaks for known chips; the trainer divides
+achieved FLOP/s by `peak_flops(device, dtype)` for MFU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import platform
+import sys
+import time
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# Dense peak TFLOPS by chip-name substring (matched case-insensitively, longest first).
+# Sources: /work/shared/REFERENCE.md chip table (vendor datasheets as quoted by third
+# parties; treat as estimates). fp32 is the non-tensor-core FP32 rate: with TF32 matmuls
+# enabled an fp32 run can exceed it. Unknown figures are left out (peak_flops -> None).
+PEAK_TFLOPS: MappingProxyType[str, MappingProxyType[str, float]] = MappingProxyType({
+    "H100 PCIe": MappingProxyType({"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),  # NVIDIA H100 datasheet
+    "H100": MappingProxyType({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # H100 SXM
+    "H800": MappingProxyType({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # H100 compute, narrower NVLink
+    "H200": MappingProxyType({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # H100 compute, 141 GB HBM3e
+    "B200": MappingProxyType({"bf16": 2250.0, "fp16": 2250.0}),
+    "A100": MappingProxyType({"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),  # NVIDIA A100 datasheet
+    # Ascend 910B: sources disagree (~280-376 FP16); the low end, low confidence.
+    "910B": MappingProxyType({"bf16": 280.0, "fp16": 280.0}),
+    "910C": MappingProxyType({"bf16": 800.0, "fp16": 800.0}),  # ~800 FP16 per package [3P]
+})
+
+
+# ------------------------------------------------------------------ detection
+@functools.lru_cache(maxsize=None)
+def _load_plugins() -> tuple[str, ...]:
+    """Import out-of-tree device plugins that register themselves with torch (today: torch_npu)."""
+    loaded = []
+    if importlib.util.find_spec("torch_npu") is not None:
+        try:
+            import torch_npu  # noqa: F401  (registers the `npu` device and the hccl backend)
+
+            loaded.append("torch_npu")
+        except Exception:  # noqa: BLE001 - a broken install means "no NPU", not a crash
+            pass
+    return tuple(loaded)
+
+
+def default_device() -> torch.device:
+    """The current accelerator (cuda/rocm, npu, xpu, mps, ...) with its current index, else CPU."""
+    _load_plugins()
+    acc = torch.accelerator.current_accelerator(check_available=True)
+    if acc is None:
+        return torch.device("cpu")
+    return torch.device(acc.type, torch.accelerator.current_device_index())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def accelerator_name(device: torch.device | str) -> str:
+    """A human-readable chip name: 'NVIDIA H200', 'Ascend910B3', the CPU model, ..."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_name(device)
+        if device.type in ("npu", "xpu") and hasattr(getattr(torch, device.type, None), "get_device_name"):
+            return getattr(torch, device.type).get_device_name(device)
+        if device.type == "mps":
+            return f"Apple {platform.machine()} (MPS)"
+    except Exception:  # noqa: BLE001
+        return device.type
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+# ------------------------------------------------------------------ probes
+@functools.lru_cache(maxsize=None)
+def dtype_runs(device: str, dtype: torch.dtype) -> bool:
+    """Can this device run a matmul (and its result's transfer to CPU) in `dtype`?"""
+    try:
+        a = torch.randn(16, 16, device=device).to(dtype)
+        return bool(torch.isfinite((a @ a).float().cpu()).all())
+    except Exception:  # noqa: BLE001 - any failure means "not supported here"
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(device: str) -> dict[str, float | None]:
+    """Measured square-matmul throughput (TFLOPS) per name in `DTYPES`; None where the dtype fails.
+
+    n = 256 on CPU, 2048 on accelerators: big enough to be compute-bound, small enough
+    to take a few ms per dtype. The dtypes are timed in interleaved rounds and each keeps
+    its best round, so a burst of load from other processes hits them alike.
+    """
+    dev = torch.device(device)
+    n, rounds = (256, 5) if dev.type == "cpu" else (2048, 10)
+    pairs = {}
+    for name, dt in DTYPES.items():
+        if dtype_runs(device, dt):
+            pairs[name] = (torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt))
+    best = dict.fromkeys(pairs, float("inf"))
+    failed: set[str] = set()
+    for r in range(rounds + 2):  # the first two rounds are warm-up (library init, kernel choice)
+        for name, (a, b) in pairs.items():
+            if name in failed:
+                continue
+            try:
+                _sync(dev)
+                t0 = time.perf_counter()
+                a @ b
+                _sync(dev)
+                if r >= 2:
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001
+                failed.add(name)
+    return {
+        name: None if name not in pairs or name in failed else 2 * n**3 / best[name] / 1e12 for name in DTYPES
+    }
+
+
+def speed_vs_fp32(device: str) -> dict[str, float | None]:
+    """Measured matmul throughput of each dtype relative to fp32 on `device` (fp32 = 1.0)."""
+    t = matmul_tflops(device)
+    base = t["float32"]
+    return {name: None if v is None or not base else v / base for name, v in t.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_units() -> bool | None:
+    """Does the CPU advertise native bf16 dot products (x86 avx512_bf16 / amx_bf16, Arm bf16)? None: unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def complex_ops_work(device: str) -> bool:
+    """Do complex tensors (view_as_complex, polar, complex multiply) run here? Not on Ascend NPUs."""
+    try:
+        x = torch.randn(4, 2, device=device)
+        z = torch.view_as_complex(x) * torch.polar(torch.ones(4, device=device), torch.zeros(4, device=device))
+        return bool(torch.allclose(torch.view_as_real(z).cpu(), x.cpu()))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_mm_fp8_works(device: str) -> bool:
+    """Does `torch._scaled_mm` run with float8_e4m3fn inputs (FP8 matmul)?"""
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return False
+    try:
+        a = torch.randn(32, 32, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(32, 32, device=device).to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=device)
+        y = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return bool(torch.isfinite(y.float().cpu()).all())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _bf16_fast(device: torch.device) -> bool:
+    if device.type == "cuda":  # also ROCm
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type in ("npu", "xpu", "mps"):
+        return dtype_runs(str(device), torch.bfloat16)
+    # CPU (and anything unknown): only with native bf16 instructions (when the CPU says) and a
+    # measured bf16 matmul no slower than fp32. Without bf16 units bf16 runs ~4x slower.
+    if device.type == "cpu" and _cpu_has_bf16_units() is False:
+        return False
+    ratio = speed_vs_fp32(str(device))["bfloat16"]
+    return ratio is not None and ratio >= 1.0
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bf16 where the device has fast bf16 matmul, else fp32 (CPUs without bf16 units: ~4x slower)."""
+    device = default_device() if device is None else torch.device(device)
+    return torch.bfloat16 if _bf16_fast(device) else torch.float32
+
+
+def peak_tflops_for_name(name: str, dtype: torch.dtype) -> float | None:
+    """Dense vendor peak for a chip name from `PEAK_TFLOPS`, None when the chip or dtype is unknown."""
+    key = _SHORT.get(dtype)
+    lname = name.lower()
+    for chip in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if chip.lower() in lname:
+            return PEAK_TFLOPS[chip].get(key) if key else None
+    return None
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
+    """Peak dense FLOP/s of `device` in `dtype` for MFU; None for CPUs and unknown chips."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    tflops = peak_tflops_for_name(accelerator_name(device), dtype)
+    return None if tflops is None else tflops * 1e12
+
+
+# ------------------------------------------------------------------ doctor
+def _distributed_backends() -> dict[str, bool]:
+    import torch.distributed as dist
+
+    out = {"available": dist.is_available()}
+    for name in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+        fn = getattr(dist, f"is_{name}_available", None)
+        try:
+            out[name] = bool(out["available"] and fn is not None and fn())
+        except Exception:  # noqa: BLE001
+            out[name] = False
+    out["hccl"] = "torch_npu" in _load_plugins()
+    return out
+
+
+def _compile_importable() -> bool:
+    try:
+        import torch._dynamo  # noqa: F401
+
+        return hasattr(torch, "compile")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def doctor_report(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What this machine's PyTorch can do, as a JSON-ready dict (a second or so on CPU)."""
+    from moeforge.ops.grouped import grouped_mm_works
+
+    dev = default_device() if device is None else torch.device(device)
+    d = str(dev)
+    acc = torch.accelerator.current_accelerator(check_available=True)
+    tflops, ratio = matmul_tflops(d), speed_vs_fp32(d)
+    dtypes = {
+        name: {
+            "runs": dtype_runs(d, dt),
+            "matmul_tflops": None if tflops[name] is None else round(tflops[name], 4),
+            "speed_vs_fp32": None if ratio[name] is None else round(ratio[name], 2),
+            # fast: worth using instead of fp32, i.e. a matmul no slower than fp32's (fp32 itself: runs)
+            "fast": ratio[name] is not None and ratio[name] >= 1.0,
+        }
+        for name, dt in DTYPES.items()
+    }
+    return {
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": f"{sys.platform} {platform.machine()}",
+        "accelerator": dev.type,
+        "accelerator_available": acc is not None,
+        "accelerator_name": accelerator_name(dev),
+        "device": d,
+        "device_count": torch.accelerator.device_count() if acc is not None else 0,
+        "cuda_version": torch.version.cuda,
+        "hip_version": getattr(torch.version, "hip", None),
+        "plugins": list(_load_plugins()),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16_units": _cpu_has_bf16_units() if dev.type == "cpu" else None,
+        "default_dtype": str(default_dtype(dev)).removeprefix("torch."),
+        "dtypes": dtypes,
+        "fp8_scaled_mm": scaled_mm_fp8_works(d),
+        "grouped_mm": {name: grouped_mm_works(dev.type, dt) for name, dt in DTYPES.items()},
+        "complex_ops": complex_ops_work(d),
+        "distributed_backends": _distributed_backends(),
+        "torch_compile_importable": _compile_importable(),
+        "peak_tflops": {short: peak_tflops_for_name(accelerator_name(dev), dt) if dev.type != "cpu" else None
+                        for dt, short in _SHORT.items()},
+    }
+
+
+def print_doctor(report: dict[str, Any]) -> None:
+    """`doctor_report` as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    r = report
+    yes = lambda b: "[green]yes[/green]" if b else "[red]no[/red]"  # noqa: E731
+    t = Table(title="moeforge doctor", title_justify="left", show_header=False)
+    t.add_column("item")
+    t.add_column("value")
+    t.add_row("torch", f"{r['torch_version']} (python {r['python_version']}, {r['platform']})")
+    t.add_row("device", f"{r['device']}: {r['accelerator_name']} ({r['device_count']} accelerator device(s))")
+    if r["cuda_version"] or r["hip_version"]:
+        t.add_row("cuda / hip", f"{r['cuda_version']} / {r['hip_version']}")
+    if r["plugins"]:
+        t.add_row("plugins", ", ".join(r["plugins"]))
+    t.add_row("default dtype", r["default_dtype"])
+    t.add_row("fp8 (_scaled_mm)", yes(r["fp8_scaled_mm"]))
+    t.add_row("complex ops", yes(r["complex_ops"]))
+    t.add_row("torch.compile importable", yes(r["torch_compile_importable"]))
+    backends = r["distributed_backends"]
+    t.add_row("distributed backends", ", ".join(k for k, v in backends.items() if v and k != "available") or "none")
+
+    d = Table(title="dtypes (square matmul)", title_justify="left")
+    for col in ("dtype", "runs", "TFLOPS", "vs fp32", "fast", "grouped_mm", "peak TFLOPS"):
+        d.add_column(col)
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    for name, info in r["dtypes"].items():
+        tf = info["matmul_tflops"]
+        peak = r["peak_tflops"].get(short[name])
+        sp = info["speed_vs_fp32"]
+        d.add_row(name, yes(info["runs"]), "-" if tf is None else f"{tf:.3g}", "-" if sp is None else f"{sp:.2f}x",
+                  yes(info["fast"]),
+                  yes(r["grouped_mm"][name]), "-" if peak is None else f"{peak:g}")
+    console = Console()
+    console.print(t)
+    console.print(d)

@@ -1,0 +1,82 @@
+"""device.py: detection, dtype choice, the doctor report, chip peaks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeforge import device as dev
+
+ON_CPU = not torch.accelerator.is_available()
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return dev.doctor_report()
+
+
+def test_default_device():
+    d = dev.default_device()
+    if ON_CPU:
+        assert d == torch.device("cpu")
+    else:
+        assert d.type == torch.accelerator.current_accelerator().type and d.index is not None
+
+
+@pytest.mark.skipif(not ON_CPU, reason="CPU-only expectations")
+def test_doctor_report_on_cpu(report):
+    json.dumps(report)  # JSON-ready
+    assert report["accelerator"] == "cpu" and report["device"] == "cpu" and report["device_count"] == 0
+    assert report["torch_version"] == torch.__version__
+    assert report["dtypes"]["float32"]["runs"] and report["dtypes"]["float32"]["fast"]
+    assert report["dtypes"]["float32"]["speed_vs_fp32"] == 1.0
+    assert report["dtypes"]["bfloat16"]["runs"] and report["dtypes"]["bfloat16"]["matmul_tflops"] > 0
+    backends = report["distributed_backends"]
+    assert backends["available"] and backends["gloo"]
+    assert not backends["nccl"] and not backends["hccl"]
+    assert set(backends) >= {"gloo", "nccl", "mpi", "ucc", "xccl", "hccl"}
+    assert report["complex_ops"] and report["torch_compile_importable"]
+    assert report["grouped_mm"]["float32"] in (True, False) and set(report["grouped_mm"]) == set(dev.DTYPES)
+    assert report["peak_tflops"] == {"bf16": None, "fp16": None, "fp32": None}
+
+
+@pytest.mark.skipif(not ON_CPU, reason="CPU-only expectations")
+def test_cpu_default_dtype_follows_measurement(report):
+    # bf16 only with native bf16 instructions and a measured matmul no slower than fp32
+    # (cached per process, so the report and default_dtype agree)
+    bf16_fast = report["dtypes"]["bfloat16"]["fast"]
+    expected = torch.bfloat16 if bf16_fast and report["cpu_bf16_units"] is not False else torch.float32
+    assert dev.default_dtype(torch.device("cpu")) == expected
+    assert report["default_dtype"] == str(expected).removeprefix("torch.")
+
+
+def test_peaks():
+    assert dev.peak_tflops_for_name("NVIDIA H200", torch.bfloat16) == 989.0
+    assert dev.peak_tflops_for_name("NVIDIA H100 PCIe", torch.bfloat16) == 756.0  # longest match wins
+    assert dev.peak_tflops_for_name("NVIDIA H100 80GB HBM3", torch.float32) == 67.0
+    assert dev.peak_tflops_for_name("Ascend910B3", torch.float16) == 280.0
+    assert dev.peak_tflops_for_name("NVIDIA B200", torch.float32) is None  # not in the table
+    assert dev.peak_tflops_for_name("Some Future Chip", torch.bfloat16) is None
+    assert dev.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_print_doctor(report, capsys):
+    dev.print_doctor(report)
+    out = capsys.readouterr().out
+    assert "float32" in out and "bfloat16" in out and "default dtype" in out
+    if ON_CPU:
+        assert "gloo" in out
+
+
+def test_no_torch_cuda_outside_device_module():
+    # Portable code goes through torch.accelerator / device strings (REFERENCE.md: torch.cuda.* breaks on NPU)
+    root = Path(dev.__file__).parent
+    offenders = [
+        str(p.relative_to(root)) for p in root.rglob("*.py")
+        if p.name != "device.py" and re.search(r"\btorch\.cuda\.", p.read_text())
+    ]
+    assert offenders == []
