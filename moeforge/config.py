@@ -214,7 +214,9 @@ class ModelConfig:
         rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
         theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope = RopeConfig(theta=float(theta), interleave=bool(get("rope_interleave", True)), type=rtype)
+        # DeepSeek-V2's code (and transformers' deepseek_v2) always rotate interleaved pairs
+        interleave = True if mt == "deepseek_v2" else bool(get("rope_interleave", True))
+        rope = RopeConfig(theta=float(theta), interleave=interleave, type=rtype)
         if rtype == "yarn":  # the scaling fields mean nothing for plain RoPE; leave their defaults
             rope.factor = float(rp.get("factor") or 1.0)
             rope.original_max_position_embeddings = int(
