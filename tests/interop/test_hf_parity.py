@@ -313,3 +313,13 @@ def test_to_hf_rejects_unrepresentable_router(tmp_path):
     with pytest.raises(ValueError, match="no HF DeepseekV3 equivalent"):
         convert_to_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_v2_config_is_always_interleaved():
+    """transformers' DeepseekV2 (like DeepSeek's code) ignores rope_interleave: its pairs are always interleaved."""
+    d = get_preset("deepseek-v2-lite").to_hf_dict()
+    d["rope_interleave"] = False
+    assert moeforge.ModelConfig.from_hf_dict(d).attention.rope.interleave
+    d = get_preset("deepseek-v3").to_hf_dict()
+    d["rope_interleave"] = False
+    assert not moeforge.ModelConfig.from_hf_dict(d).attention.rope.interleave
