@@ -32,6 +32,7 @@ from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
 from moeforge.ops.grouped import grouped_linear
 from moeforge.ops.permute import dispatch, unsort
+from moeforge.ops.swiglu import swiglu
 
 
 @dataclass
@@ -84,10 +85,11 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, dim))
         self.down_proj = nn.Parameter(torch.empty(E, dim, inter))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D)."""
-        gate, up = grouped_linear(x, self.gate_up_proj, counts, self.impl).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.impl)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (M, D) rows sorted by expert, counts: (E,) rows per expert, weights: (M,) gate
+        weight per row or None -> (M, D) expert outputs, each scaled by its row's weight."""
+        gu = grouped_linear(x, self.gate_up_proj, counts, self.impl)
+        return grouped_linear(swiglu(gu, weights), self.down_proj, counts, self.impl)
 
 
 @dataclass
@@ -115,10 +117,11 @@ class MoE(nn.Module):
         order = expert_of_pair.argsort(stable=True)  # pair indices in expert order
         inv = order.argsort()
         counts = torch.bincount(expert_of_pair, minlength=E)
-        y_sorted = self.experts(dispatch(flat, order, inv, K), counts)  # (N*K, D)
+        # gate weights travel with the rows and scale the expert activations (fp32 router weights)
+        y_sorted = self.experts(dispatch(flat, order, inv, K), counts, r.weights.flatten()[order])  # (N*K, D)
         y = unsort(y_sorted, order, inv).view(-1, K, D)  # back to (N, K, D) pair order
-        acc = torch.promote_types(x.dtype, torch.float32)  # weigh and sum the K outputs in >= fp32
-        out = (y.to(acc) * r.weights.to(acc).unsqueeze(-1)).sum(1).to(x.dtype).view(B, T, D)
+        acc = torch.promote_types(x.dtype, torch.float32)  # sum the K weighted outputs in >= fp32
+        out = y.sum(1, dtype=acc).to(x.dtype).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         # the balance loss only matters for training; skip its (N, E) work at inference

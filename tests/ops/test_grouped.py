@@ -37,3 +37,21 @@ def test_pick_impl_rejects_unknown():
     with pytest.raises(ValueError, match="unknown grouped matmul impl"):
         pick_impl(torch.device("cpu"), torch.float32, "cutlass")
     assert pick_impl(torch.device("cpu"), torch.float32) == "loop"
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_swiglu_matches_reference(weighted):
+    from moeforge.ops.swiglu import swiglu, swiglu_reference
+
+    gu = torch.randn(37, 2 * 12, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(37, dtype=torch.float64, requires_grad=True) if weighted else None
+    y = swiglu(gu, w)
+    ref = swiglu_reference(gu, w)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [gu] + ([w] if weighted else []), g)
+    ref_grads = torch.autograd.grad(ref, [gu] + ([w] if weighted else []), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(swiglu, (gu[:5].detach().requires_grad_(),
+                                             None if w is None else w[:5].detach().requires_grad_()))
