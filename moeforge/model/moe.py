@@ -31,7 +31,7 @@ from torch import nn
 from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
 from moeforge.ops.grouped import grouped_linear
-from moeforge.ops.permute import dispatch, unsort
+from moeforge.ops.permute import combine, dispatch
 from moeforge.ops.swiglu import swiglu
 
 
@@ -119,9 +119,8 @@ class MoE(nn.Module):
         counts = torch.bincount(expert_of_pair, minlength=E)
         # gate weights travel with the rows and scale the expert activations (fp32 router weights)
         y_sorted = self.experts(dispatch(flat, order, inv, K), counts, r.weights.flatten()[order])  # (N*K, D)
-        y = unsort(y_sorted, order, inv).view(-1, K, D)  # back to (N, K, D) pair order
         acc = torch.promote_types(x.dtype, torch.float32)  # sum the K weighted outputs in >= fp32
-        out = y.sum(1, dtype=acc).to(x.dtype).view(B, T, D)
+        out = combine(y_sorted, order, inv, K, acc).to(x.dtype).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         # the balance loss only matters for training; skip its (N, E) work at inference

@@ -28,16 +28,19 @@ class _Dispatch(torch.autograd.Function):
         return g.index_select(0, inv).view(n_pairs // ctx.k, ctx.k, d).sum(1), None, None, None
 
 
-class _Permute(torch.autograd.Function):
+class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inv)
-        return x.index_select(0, perm)
+    def forward(ctx, y: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int, acc: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(order)
+        ctx.k, ctx.dtype = k, y.dtype
+        n_pairs, d = y.shape
+        return y.index_select(0, inv).view(n_pairs // k, k, d).sum(1, dtype=acc)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        (inv,) = ctx.saved_tensors
-        return g.index_select(0, inv), None, None
+        (order,) = ctx.saved_tensors
+        # sorted row j belongs to token order[j] // k, whose output gradient it receives
+        return g.to(ctx.dtype).index_select(0, order // ctx.k), None, None, None, None
 
 
 def dispatch(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,6 +48,6 @@ def dispatch(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) ->
     return _Dispatch.apply(x, order, inv, k)
 
 
-def unsort(y: torch.Tensor, order: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """Expert-ordered rows (M, D) back to pair order: out[p] = y[inv[p]]."""
-    return _Permute.apply(y, inv, order)
+def combine(y: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int, acc: torch.dtype) -> torch.Tensor:
+    """Expert-ordered rows (M, D) summed per token in dtype acc -> (N, D); the inverse of dispatch."""
+    return _Combine.apply(y, order, inv, k, acc)
