@@ -106,7 +106,7 @@ class ModelConfig:
     name: str = "custom"
 
     # ---------------------------------------------------------------- validation
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         a, m = self.attention, self.moe
 
         def need(cond: bool, msg: str) -> None:
@@ -162,7 +162,7 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return self.num_layers - self.moe.first_k_dense_replace
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with top-level fields or dotted nested ones (`moe.n_group=2`) changed."""
         cfg = ModelConfig.from_dict(self.to_dict())
         for key, value in changes.items():
@@ -180,7 +180,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -202,7 +202,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------- HF map
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], name: str = "hf") -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         mt = hf.get("model_type")
         if mt not in HF_MODEL_TYPES:
             raise ValueError(f"model_type {mt!r} is not supported; expected one of {HF_MODEL_TYPES}")
@@ -429,21 +429,27 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]().validate()
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or a ValueError that names the file and the problem."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate the file") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return d
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Our own JSON (`{"moeforge_config": {...}}`) or an HF `config.json`; a folder means its config.json."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"config file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read config file {p}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate the file") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{p} must hold a JSON object")
+    d = read_json(p)
     if "moeforge_config" in d:
         try:
             return ModelConfig.from_dict(d["moeforge_config"]).validate()

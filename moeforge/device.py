@@ -44,7 +44,7 @@ PEAK_TFLOPS: MappingProxyType[str, MappingProxyType[str, float]] = MappingProxyT
 
 
 # ------------------------------------------------------------------ detection
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_plugins() -> tuple[str, ...]:
     """Import out-of-tree device plugins that register themselves with torch (today: torch_npu)."""
     loaded = []
@@ -97,7 +97,7 @@ def accelerator_name(device: torch.device | str) -> str:
 
 
 # ------------------------------------------------------------------ probes
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dtype_runs(device: str, dtype: torch.dtype) -> bool:
     """Can this device run a matmul (and its result's transfer to CPU) in `dtype`?"""
     try:
@@ -107,7 +107,7 @@ def dtype_runs(device: str, dtype: torch.dtype) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matmul_tflops(device: str) -> dict[str, float | None]:
     """Measured square-matmul throughput (TFLOPS) per name in `DTYPES`; None where the dtype fails.
 
@@ -148,7 +148,7 @@ def speed_vs_fp32(device: str) -> dict[str, float | None]:
     return {name: None if v is None or not base else v / base for name, v in t.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_has_bf16_units() -> bool | None:
     """Does the CPU advertise native bf16 dot products (x86 avx512_bf16 / amx_bf16, Arm bf16)? None: unknown."""
     try:
@@ -162,7 +162,7 @@ def _cpu_has_bf16_units() -> bool | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def complex_ops_work(device: str) -> bool:
     """Do complex tensors (view_as_complex, polar, complex multiply) run here? Not on Ascend NPUs."""
     try:
@@ -173,7 +173,7 @@ def complex_ops_work(device: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def scaled_mm_fp8_works(device: str) -> bool:
     """Does `torch._scaled_mm` run with float8_e4m3fn inputs (FP8 matmul)?"""
     if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
@@ -243,7 +243,7 @@ def _distributed_backends() -> dict[str, bool]:
 
 def _compile_importable() -> bool:
     try:
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo
 
         return hasattr(torch, "compile")
     except Exception:  # noqa: BLE001
@@ -300,7 +300,7 @@ def print_doctor(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     r = report
-    yes = lambda b: "[green]yes[/green]" if b else "[red]no[/red]"  # noqa: E731
+    yes = lambda b: "[green]yes[/green]" if b else "[red]no[/red]"
     t = Table(title="moeforge doctor", title_justify="left", show_header=False)
     t.add_column("item")
     t.add_column("value")

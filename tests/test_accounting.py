@@ -64,7 +64,7 @@ def test_counts_match_meta_model(name):
     cfg = VARIANTS[name]
     main, mtp, buffers = _meta_counts(cfg)
     p = acc.count_params(cfg)
-    nonzero = lambda d: {k: v for k, v in d.items() if v["total"]}  # noqa: E731
+    nonzero = lambda d: {k: v for k, v in d.items() if v["total"]}
     assert nonzero(p["components"]) == main
     assert nonzero(p["mtp_components"]) == mtp
     assert p["router_bias_buffer"] == buffers

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from moeforge.cli import main
 from moeforge.config import PRESETS, get_preset
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +35,18 @@ from safetensors.torch import save_file
 
 from moeforge.config import ModelConfig, load_config
 from moeforge.interop.hf import (
-    CONFIG, INDEX, SINGLE, _open, expected_shapes, hf_config, hf_dtype, iter_hf_tensors, stored_dtype, to_hf_key,
+    CONFIG,
+    INDEX,
+    SINGLE,
+    _open,
+    expected_shapes,
+    hf_config,
+    hf_dtype,
+    iter_hf_tensors,
+    stored_dtype,
+    to_hf_key,
 )
-from moeforge.model.checkpoint import WEIGHTS, build_empty, is_hf_folder, load_tensors, replace_dir, save_model
+from moeforge.model.checkpoint import WEIGHTS, atomic_dir, build_empty, is_hf_folder, load_tensors, save_model
 
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -193,9 +201,7 @@ def convert_to_hf(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAU
     cfg = load_config(src)
     weights = src / WEIGHTS
     expected = expected_shapes(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         with _open(weights) as f:
             keys = list(f.keys())
             for key in keys:
@@ -225,8 +231,4 @@ def convert_to_hf(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAU
         (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
         for name, path in _extra_files(src).items():
             shutil.copyfile(path, tmp / name)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

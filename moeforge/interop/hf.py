@@ -23,7 +23,6 @@ the HF tensor and its file.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from moeforge.config import ModelConfig
+from moeforge.config import ModelConfig, read_json
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -51,20 +50,6 @@ _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.")
 
 
 # ------------------------------------------------------------------ folder, config
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return d
-
-
 def weight_files(folder: Path) -> dict[str, Path]:
     """HF key -> the safetensors file that holds it (from the index, or the single file's header)."""
     folder = Path(folder)

@@ -9,6 +9,7 @@ with a `model_type`) is read through `moeforge.interop.hf`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,18 +39,25 @@ def state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
 def save_model(model: Transformer, path: str | Path, extra_files: dict[str, Path] | None = None) -> Path:
     """Write `path/` atomically: config.json, model.safetensors and any extra files (e.g. tokenizer.json)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.cfg.save(tmp / CONFIG)
         save_file(state_for_saving(model), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "moeforge"})
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; on success it replaces `path`, on error it is deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

@@ -32,7 +32,7 @@ class LatentKV:
     latent: torch.Tensor
     k_rope: torch.Tensor
 
-    def extend(self, latent: torch.Tensor, k_rope: torch.Tensor) -> "LatentKV":
+    def extend(self, latent: torch.Tensor, k_rope: torch.Tensor) -> LatentKV:
         return LatentKV(torch.cat([self.latent, latent], 1), torch.cat([self.k_rope, k_rope], 1))
 
 

@@ -101,7 +101,7 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Te
     return _GroupedMM.apply(x.contiguous(), w, offs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Probe once per (device type, dtype): does our grouped_mm path run forward and backward?"""
     if not hasattr(torch, "_grouped_mm"):
