@@ -40,11 +40,16 @@ def save_model(model: Transformer, path: str | Path, extra_files: dict[str, Path
     """Write `path/` atomically: config.json, model.safetensors and any extra files (e.g. tokenizer.json)."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        model.cfg.save(tmp / CONFIG)
-        save_file(state_for_saving(model), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "moeforge"})
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
+        write_model(model, tmp, extra_files)
     return path
+
+
+def write_model(model: Transformer, folder: Path, extra_files: dict[str, Path] | None = None) -> None:
+    """config.json, model.safetensors and extra files into an existing (temporary) folder."""
+    model.cfg.save(folder / CONFIG)
+    save_file(state_for_saving(model), str(folder / WEIGHTS), metadata={"format": "pt", "producer": "moeforge"})
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, folder / name)
 
 
 @contextlib.contextmanager

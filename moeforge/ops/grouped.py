@@ -131,5 +131,11 @@ def pick_impl(device: torch.device, dtype: torch.dtype, impl: str = "auto") -> s
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        # our autograd functions call mm with out=, which autocast does not cast: do it here
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dt), w.to(dt)
+    elif x.dtype != w.dtype:
+        x = x.to(w.dtype)
     impl = pick_impl(x.device, x.dtype, impl)
     return _grouped(x, w, counts) if impl == "grouped_mm" else _loop(x, w, counts)

@@ -55,3 +55,15 @@ def test_fused_swiglu_matches_reference(weighted):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(swiglu, (gu[:5].detach().requires_grad_(),
                                              None if w is None else w[:5].detach().requires_grad_()))
+
+
+def test_grouped_linear_under_autocast_matches_bf16_reference():
+    x, w, c = _case([4, 0, 6], K=16, N=32)
+    x, w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, w, c, "loop")
+    assert y.dtype == torch.bfloat16
+    ref = grouped_linear_reference(x.bfloat16().float(), w.bfloat16().float(), c)
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

@@ -1,0 +1,284 @@
+"""The training loop: corpus -> tokenizer -> token shards -> a trained MoE model, resumable and observable.
+
+One optimizer step = `grad_accum` micro-batches of random windows. The loss is
+
+    L = L_main + (lambda / D) * sum_k L_mtp_k + alpha * sum_layers L_balance
+
+(V3 report eq. 25 for MTP, eq. 17-20 for the sequence-wise balance loss), computed in
+fp32. After each optimizer step the selection bias of every MoE layer, MTP layers
+included, moves by gamma * sign(mean load - load) from that step's token counts.
+
+Non-finite losses skip the step with a warning; `max_bad_steps` in a row abort the run
+without touching the last good checkpoint. A resumed run restores model, optimizer,
+sampler and step exactly: in fp32 on a CPU it reproduces the uninterrupted run's
+losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from moeforge.accounting import flops_per_token_train
+from moeforge.config import ModelConfig
+from moeforge.device import default_device, default_dtype, matmul_tflops, peak_flops
+from moeforge.model.transformer import ModelOutput, Transformer
+from moeforge.train.balance import load_stats, moe_modules, update_bias
+from moeforge.train.config import TrainConfig
+from moeforge.train.optim import build_optimizers, lr_multiplier, set_lr
+from moeforge.train.plots import METRICS
+from moeforge.train.state import checkpoints, resume_latest, save_checkpoint
+
+RUN_CONFIG = "run_config.json"
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def compute_losses(out: ModelOutput, window: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """window (B, T+1): inputs are window[:, :T]; depth-k MTP logits predict window[:, k+1:]."""
+    main = F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten())
+    losses = {"main_loss": main}
+    total = main
+    if out.mtp_logits:
+        mtp = [F.cross_entropy(lg.float().flatten(0, 1), window[:, k + 1 :].flatten())
+               for k, lg in enumerate(out.mtp_logits, start=1)]
+        losses["mtp_loss"] = torch.stack(mtp).mean()
+        total = total + cfg.mtp_weight * losses["mtp_loss"]
+    if out.moe_stats:
+        losses["balance_loss"] = torch.stack([s.balance_loss for s in out.moe_stats]).sum()
+        total = total + cfg.balance_alpha * losses["balance_loss"]
+    losses["loss"] = total
+    return losses
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: Any, out_dir: str | Path,
+                 resume: bool = False, console: Console | None = None):
+        from moeforge.data import prepare_data  # the data pipeline pulls in tokenizers / numpy
+
+        self.tcfg = train_cfg.validate()
+        self.dcfg = data_cfg
+        self.out = Path(out_dir)
+        self.console = console or Console()
+        if self.tcfg.threads:
+            torch.set_num_threads(self.tcfg.threads)
+        self.device = torch.device(self.tcfg.device) if self.tcfg.device else default_device()
+        self.dtype = default_dtype(self.device) if self.tcfg.dtype == "auto" else getattr(torch, self.tcfg.dtype)
+
+        if self.out.exists() and checkpoints(self.out) and not resume:
+            raise ValueError(f"run folder {self.out} already has checkpoints; pass --resume to continue it "
+                             "or choose another --out")
+        self.data = prepare_data(data_cfg)
+        vocab = self.data.tokenizer.get_vocab_size()
+        if model_cfg.vocab_size < vocab:
+            raise ValueError(f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{vocab} tokens; raise the model vocab size or train a smaller tokenizer")
+        if self.tcfg.seq_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"seq_len {self.tcfg.seq_len} is above the model's maximum of "
+                             f"{model_cfg.max_position_embeddings} positions; lower --seq-len")
+        eos = self.data.stats.get("eos_token_id")
+        self.mcfg = model_cfg.replace(eos_token_id=eos, bos_token_id=None) if eos is not None else model_cfg
+
+        from moeforge.data import BatchSampler
+
+        torch.manual_seed(self.tcfg.seed)
+        self.model = Transformer(self.mcfg).to(self.device)
+        self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
+        self.optimizers = build_optimizers(self.model, self.tcfg)
+        self.moes = moe_modules(self.model)
+        self.sampler = BatchSampler(self.data.train, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed)
+        self.step = 0
+        self.total_steps = self.tcfg.steps
+        self.tokens_seen = 0
+        self.bad_steps = 0
+        self.resumed_from: str | None = None
+        if resume:
+            state = resume_latest(self.out, self.model, self.optimizers)
+            if state is not None:
+                self._restore(state)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_run_config()
+
+        self.flops_per_token = flops_per_token_train(self.mcfg, self.tcfg.seq_len, with_mtp=True)
+        peak = peak_flops(self.device, self.dtype)
+        self.peak_label = "vendor peak"
+        if peak is None:  # CPUs: no vendor figure; use the matmul throughput measured here
+            measured = matmul_tflops(str(self.device)).get(str(self.dtype).removeprefix("torch."))
+            peak = measured * 1e12 if measured else None
+            self.peak_label = "measured matmul peak"
+        self.peak = peak
+
+    # ------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
+                "bad_steps": self.bad_steps, "sampler": self.sampler.state_dict(),
+                "torch_rng": torch.get_rng_state().tolist()}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step, self.total_steps = state["step"], state["total_steps"]
+        self.tokens_seen, self.bad_steps = state["tokens_seen"], state.get("bad_steps", 0)
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.resumed_from = state["checkpoint"]
+
+    def _write_run_config(self) -> None:
+        cfg = {"model": self.mcfg.to_dict(), "train": self.tcfg.to_dict(),
+               "data": dataclasses.asdict(self.dcfg) if dataclasses.is_dataclass(self.dcfg) else self.dcfg,
+               "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+               "data_stats": self.data.stats}
+        (self.out / RUN_CONFIG).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out, self.step, self.model, self.optimizers, self._state(),
+                               self.data.tokenizer_path, self.tcfg.keep_last)
+
+    # ------------------------------------------------------------ steps
+    def _autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step; None when the loss was not finite and the step was skipped."""
+        cfg = self.tcfg
+        lr = cfg.lr * lr_multiplier(self.step, self.total_steps, cfg)
+        set_lr(self.optimizers, lr)
+        self.model.train()
+        counts = torch.zeros(len(self.moes), self.mcfg.moe.n_routed_experts, device=self.device)
+        sums: dict[str, float] = {}
+        finite = True
+        for _ in range(cfg.grad_accum):
+            window = self.sampler.next().to(self.device)
+            with self._autocast():
+                out = self.forward(window[:, :-1])
+            losses = compute_losses(out, window, cfg)
+            if not torch.isfinite(losses["loss"]):
+                finite = False
+                break
+            (losses["loss"] / cfg.grad_accum).backward()
+            if self.moes:
+                counts += out.expert_counts
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not finite or not torch.isfinite(grad_norm):
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                          f"({self.bad_steps} in a row, abort at {cfg.max_bad_steps})", stacklevel=2)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingAborted(f"{self.bad_steps} non-finite steps in a row; training aborted, the last good "
+                                      f"checkpoint in {self.out / 'checkpoints'} is untouched (lower --lr?)")
+            return None
+        self.bad_steps = 0
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        update_bias(self.moes, counts, cfg.bias_update_speed)
+        self.step += 1
+        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        return {**sums, "lr": lr, "grad_norm": float(grad_norm), "counts": counts}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from moeforge.data import eval_batches
+
+        self.model.eval()
+        total, n = 0.0, 0
+        for window in eval_batches(self.data.val, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.eval_batches):
+            window = window.to(self.device)
+            with self._autocast():
+                out = self.forward(window[:, :-1], mtp=False)
+            total += float(F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten()))
+            n += 1
+        self.model.train()
+        return total / max(n, 1)
+
+    # ------------------------------------------------------------ the run
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        return None if not self.peak else tokens_per_s * self.flops_per_token / self.peak
+
+    def run(self) -> dict[str, Any]:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg = self.tcfg
+        metrics = (self.out / METRICS).open("a")
+        budget_s = cfg.time_budget * 60 if cfg.time_budget else None
+        start_step, t_start = self.step, time.perf_counter()
+        interval_counts = torch.zeros(len(self.moes), self.mcfg.moe.n_routed_experts)
+        interval_from = self.step + 1
+        layer_names = [f"L{i}" for i, layer in enumerate(self.model.layers) if layer.mlp in self.moes] + [
+            f"MTP{k}" for k in range(len(self.model.mtp))]
+        last_val = None
+        entropy = self.data.stats.get("unigram_entropy")
+        if self.resumed_from:
+            self.console.print(f"resumed from {self.resumed_from} at step {self.step}")
+        progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=not self.console.is_terminal,
+        )
+        try:
+            with progress:
+                task = progress.add_task("train", total=self.total_steps, completed=self.step, loss="-", tps="-",
+                                         mfu="-")
+                while self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    result = self.train_step()
+                    dt = time.perf_counter() - t0
+                    if result is None:
+                        continue
+                    if budget_s and self.step - start_step == 5:  # fit the schedule to the time budget once
+                        per_step = (time.perf_counter() - t_start) / 5
+                        self.total_steps = max(self.step + 1, self.step + int((budget_s - 5 * per_step) / per_step))
+                        progress.update(task, total=self.total_steps)
+                    tps = cfg.grad_accum * cfg.batch_size * cfg.seq_len / dt
+                    mfu = self._mfu(tps)
+                    counts = result.pop("counts").cpu()
+                    interval_counts += counts
+                    progress.update(task, completed=self.step, loss=f"{result['loss']:.3f}", tps=f"{tps:,.0f}",
+                                    mfu="n/a" if mfu is None else f"{mfu:.1%}")
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        row = {"kind": "train", "step": self.step, **{k: round(v, 6) for k, v in result.items()},
+                               "tokens_per_s": round(tps, 1), "mfu": None if mfu is None else round(mfu, 5),
+                               "tokens_seen": self.tokens_seen}
+                        if self.moes:
+                            row.update(load_stats(self.moes, counts))
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                        last_val = self.evaluate()
+                        row = {"kind": "eval", "step": self.step, "val_loss": round(last_val, 5),
+                               "val_ppl": round(math.exp(min(last_val, 50)), 3), "unigram_entropy": entropy,
+                               "expert_counts": interval_counts.int().tolist(), "moe_layers": layer_names,
+                               "load_from_step": interval_from}
+                        if self.moes:
+                            row["load_max_over_mean"] = load_stats(self.moes, interval_counts)["load_max_over_mean"]
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        interval_counts.zero_()
+                        interval_from = self.step + 1
+                        progress.console.print(
+                            f"step {self.step}: val loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.1f})"
+                            + (f", unigram entropy {entropy:.4f}" if entropy else "")
+                            + (f", worst layer load max/mean {max(row['load_max_over_mean']):.2f}" if self.moes else ""))
+                    if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
+                        self.save()
+        finally:
+            metrics.close()
+        ckpt = self.save()
+        return {"steps": self.step, "val_loss": last_val, "unigram_entropy": entropy, "checkpoint": str(ckpt),
+                "tokens_seen": self.tokens_seen, "seconds": round(time.perf_counter() - t_start, 1)}
