@@ -7,9 +7,15 @@ no traceback. Set MOEFORGE_DEBUG=1 to see the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from moeforge.config import PRESETS, ModelConfig, get_preset, load_config
 
@@ -55,6 +61,119 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as sigmoid
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, klass: type, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field (batch_size -> --batch-size); unset flags keep the default."""
+    for f in dataclasses.fields(klass):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=_parse_value, default=None, metavar=f.name.upper())
+
+
+def _dataclass_from_args(klass: type, args: argparse.Namespace, base: Any = None) -> Any:
+    obj = base if base is not None else klass()
+    for f in dataclasses.fields(klass):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(obj, f.name, value)
+    return obj
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from moeforge.data import DataConfig
+    from moeforge.train.config import TrainConfig
+    from moeforge.train.plots import plot_run
+    from moeforge.train.trainer import Trainer
+
+    model_cfg = _config_from_args(args)
+    overrides = {}
+    for item in args.override or []:
+        if "=" not in item:
+            raise ValueError(f"--override takes KEY=VALUE (e.g. moe.n_group=2), got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = _parse_value(value)
+    if args.vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = args.vocab_size  # the model follows the tokenizer unless told otherwise
+    data_cfg = _dataclass_from_args(DataConfig, args)
+    data_cfg.paths = args.data or []
+    if args.vocab_size is None and not data_cfg.tokenizer:
+        data_cfg.vocab_size = model_cfg.vocab_size
+    if overrides:
+        model_cfg = model_cfg.replace(**overrides)
+    train_cfg = _dataclass_from_args(TrainConfig, args).validate()
+    trainer = Trainer(model_cfg, train_cfg, data_cfg, args.out, resume=args.resume)
+    summary = trainer.run()
+    plots = plot_run(args.out)
+    c = trainer.console
+    c.print(f"[bold]done[/bold]: {summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['seconds']} s")
+    if summary["val_loss"] is not None:
+        entropy = summary["unigram_entropy"]
+        c.print(f"final validation loss {summary['val_loss']:.4f} nats"
+                + (f" vs unigram entropy {entropy:.4f} nats of the corpus" if entropy else ""))
+    c.print(f"checkpoint: {summary['checkpoint']}")
+    c.print("plots: " + ", ".join(str(p) for p in plots))
+    if train_cfg.samples:
+        from moeforge.infer.sample import generate
+
+        tok = trainer.data.tokenizer
+        gen = torch.Generator().manual_seed(train_cfg.seed)
+        prompts = args.sample_prompt or ["def ", "import ", "class "]
+        trainer.model.eval()
+        for prompt in prompts[: train_cfg.samples]:
+            ids = torch.tensor([tok.encode(prompt).ids], device=trainer.device)
+            new = list(generate(trainer.model, ids, train_cfg.sample_tokens, gen, temperature=0.8, top_k=50,
+                                eos_token_id=trainer.mcfg.eos_token_id))
+            c.rule(f"sample: {prompt!r}")
+            c.print(tok.decode(ids[0].tolist() + new), markup=False, highlight=False)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tokenizers import Tokenizer
+
+    from moeforge.infer.sample import generate
+    from moeforge.model.checkpoint import load_model
+    from moeforge.train.state import checkpoints
+
+    path = Path(args.ckpt)
+    if path.is_dir() and not (path / "config.json").exists() and checkpoints(path):
+        path = checkpoints(path)[0]  # a run folder: its newest checkpoint
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ValueError(f"{path} has no tokenizer.json; generate needs the checkpoint's tokenizer")
+    tok = Tokenizer.from_file(str(tok_file))
+    model = load_model(path, device=args.device)
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization; give some text with --prompt")
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.tensor([ids], device=next(model.parameters()).device)
+    print(args.prompt, end="", flush=True)
+    done = list(ids)
+    for token in generate(model, prompt, args.max_new_tokens, gen, args.temperature, args.top_k, args.top_p,
+                          eos_token_id=model.cfg.eos_token_id):
+        text_before = tok.decode(done)
+        done.append(token)
+        print(tok.decode(done)[len(text_before):], end="", flush=True)
+    print()
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from moeforge.train.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeforge", description="DeepSeek-family MoE models on any accelerator")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,14 +194,53 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to-hf", metavar="DIR", help="moeforge checkpoint folder to write as HF")
     conv.add_argument("--out", required=True, metavar="DIR", help="output folder")
     conv.set_defaults(func=cmd_convert)
+
+    from moeforge.data import DataConfig
+    from moeforge.train.config import TrainConfig
+
+    train = sub.add_parser("train", help="train a model (default: the tiny preset on the Python stdlib source)")
+    train.add_argument("--preset", help=f"model preset, one of: {', '.join(PRESETS)} (default tiny)")
+    train.add_argument("--config", help="a moeforge or HF config.json for the model")
+    train.add_argument("--override", action="append", metavar="KEY=VALUE",
+                       help="change a model config field, e.g. moe.n_group=2 (repeatable)")
+    train.add_argument("--data", nargs="+", metavar="PATH",
+                       help="text files / folders / .jsonl / .parquet (default: the Python stdlib source)")
+    train.add_argument("--out", default="runs/tiny", help="run folder (default runs/tiny)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    train.add_argument("--sample-prompt", action="append", help="prompt for the samples printed at the end")
+    _add_dataclass_flags(train, TrainConfig)
+    _add_dataclass_flags(train, DataConfig, skip=("paths",))
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint (or a run folder's newest checkpoint)")
+    gen.add_argument("--ckpt", required=True, metavar="DIR")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    plot = sub.add_parser("plot", help="write loss.png and expert_load.png for a run folder")
+    plot.add_argument("run_dir")
+    plot.set_defaults(func=cmd_plot)
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"moeforge: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moeforge.train.trainer import TrainingAborted
+
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, OSError, TrainingAborted) as e:
         if os.environ.get("MOEFORGE_DEBUG"):
             raise
         print(f"moeforge: error: {e}", file=sys.stderr)

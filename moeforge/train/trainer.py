@@ -79,16 +79,20 @@ class Trainer:
         if self.out.exists() and checkpoints(self.out) and not resume:
             raise ValueError(f"run folder {self.out} already has checkpoints; pass --resume to continue it "
                              "or choose another --out")
+        if self.tcfg.seq_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"seq_len {self.tcfg.seq_len} is above the model's maximum of "
+                             f"{model_cfg.max_position_embeddings} positions; lower --seq-len")
         self.data = prepare_data(data_cfg)
         vocab = self.data.tokenizer.get_vocab_size()
         if model_cfg.vocab_size < vocab:
             raise ValueError(f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"{vocab} tokens; raise the model vocab size or train a smaller tokenizer")
-        if self.tcfg.seq_len > model_cfg.max_position_embeddings:
-            raise ValueError(f"seq_len {self.tcfg.seq_len} is above the model's maximum of "
-                             f"{model_cfg.max_position_embeddings} positions; lower --seq-len")
-        eos = self.data.stats.get("eos_token_id")
-        self.mcfg = model_cfg.replace(eos_token_id=eos, bos_token_id=None) if eos is not None else model_cfg
+        # the end-of-text token separates documents: it is the model's eos, and there is no bos
+        self.mcfg = model_cfg.replace(eos_token_id=self.data.eot_id, bos_token_id=None)
+        self.has_val = len(self.data.val) > self.tcfg.seq_len
+        if not self.has_val:
+            warnings.warn(f"the validation split holds {len(self.data.val)} tokens, fewer than one window of "
+                          f"{self.tcfg.seq_len + 1}: no validation loss will be reported", stacklevel=2)
 
         from moeforge.data import BatchSampler
 
@@ -169,7 +173,7 @@ class Trainer:
             if self.moes:
                 counts += out.expert_counts
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not finite or not torch.isfinite(grad_norm):
@@ -222,7 +226,7 @@ class Trainer:
         layer_names = [f"L{i}" for i, layer in enumerate(self.model.layers) if layer.mlp in self.moes] + [
             f"MTP{k}" for k in range(len(self.model.mtp))]
         last_val = None
-        entropy = self.data.stats.get("unigram_entropy")
+        entropy = self.data.stats.get("val_unigram_entropy")
         if self.resumed_from:
             self.console.print(f"resumed from {self.resumed_from} at step {self.step}")
         progress = Progress(
@@ -259,7 +263,7 @@ class Trainer:
                             row.update(load_stats(self.moes, counts))
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
-                    if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                    if self.has_val and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                         last_val = self.evaluate()
                         row = {"kind": "eval", "step": self.step, "val_loss": round(last_val, 5),
                                "val_ppl": round(math.exp(min(last_val, 50)), 3), "unigram_entropy": entropy,

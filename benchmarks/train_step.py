@@ -1,0 +1,139 @@
+"""Training throughput: moeforge's tiny preset vs the same architecture as HF DeepseekV3ForCausalLM.
+
+Both run full training steps — forward, next-token cross-entropy, backward, gradient
+clipping, AdamW step — on the same random token batches, same config, batch size and
+sequence length, measured in the same process in alternating rounds (median). HF's
+DeepseekV3 has no MTP head, so moeforge runs twice: without MTP (the same work as HF)
+and as the trainer runs it (with the MTP loss, the balance loss and the bias update).
+MFU uses accounting.flops_per_token_train against the peak from moeforge.device (on a
+CPU: the matmul throughput measured here, since CPUs have no vendor figure).
+
+    .venv/bin/python benchmarks/train_step.py [--batch 8 --seq 256 --threads 2 --dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from moeforge.accounting import count_params, flops_per_token_train
+from moeforge.config import get_preset
+from moeforge.device import matmul_tflops
+from moeforge.model.transformer import Transformer
+from moeforge.train.balance import moe_modules, update_bias
+from moeforge.train.config import TrainConfig
+from moeforge.train.optim import build_optimizers
+from moeforge.train.trainer import compute_losses
+
+
+def ours_step(model: Transformer, cfg: TrainConfig, batches, autocast, mtp: bool):
+    opts = build_optimizers(model, cfg)
+    moes = moe_modules(model)
+    it = iter(batches)
+
+    def step() -> None:
+        window = next(it)
+        with autocast():
+            out = model(window[:, :-1], mtp=mtp)
+        losses = compute_losses(out, window, cfg)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        if mtp:
+            update_bias(moes, out.expert_counts.float(), cfg.bias_update_speed)
+
+    return step
+
+
+def hf_step(hf, cfg: TrainConfig, batches, autocast):
+    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            foreach=True)
+    it = iter(batches)
+
+    def step() -> None:
+        window = next(it)
+        with autocast():
+            logits = hf(input_ids=window[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation: eager or grouped_mm")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    mcfg = get_preset(args.preset)
+    tcfg = TrainConfig(batch_size=args.batch, seq_len=args.seq)
+    dtype = getattr(torch, args.dtype)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+    n = args.repeats + 2
+    batches = [torch.randint(0, mcfg.vocab_size, (args.batch, args.seq + 1)) for _ in range(3 * n)]
+    ours = Transformer(mcfg)
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+    hf_cfg._experts_implementation = args.hf_experts
+    hf_cfg._attn_implementation = "sdpa"
+    hf = DeepseekV3ForCausalLM(hf_cfg)
+    hf_params = sum(p.numel() for p in hf.parameters())
+    steps = {
+        "moeforge (no MTP, = HF's work)": ours_step(ours, tcfg, batches, autocast, mtp=False),
+        "moeforge (trainer: MTP + balance)": ours_step(Transformer(mcfg), tcfg, batches, autocast, mtp=True),
+        f"HF DeepseekV3 ({args.hf_experts})": hf_step(hf, tcfg, batches, autocast),
+    }
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    peak = (matmul_tflops("cpu").get(args.dtype) or 0) * 1e12
+    flops = {True: flops_per_token_train(mcfg, args.seq, with_mtp=True), False: flops_per_token_train(mcfg, args.seq)}
+    table = Table(title=f"training step, {args.preset} ({count_params(mcfg)['total_params'] / 1e6:.1f}M params; "
+                        f"HF {hf_params / 1e6:.1f}M), batch {args.batch} x {args.seq}, {args.dtype}, {args.threads} threads")
+    for col in ("model", "tokens/s", "MFU", "vs HF"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    hf_name = next(k for k in steps if k.startswith("HF"))
+    hf_tps = tokens / sorted(times[hf_name])[len(times[hf_name]) // 2]
+    for name, t in times.items():
+        tps = tokens / sorted(t)[len(t) // 2]
+        mfu = tps * flops["MTP" in name] / peak if peak else None
+        print(json.dumps({"bench": "train_step", "model": name, "tokens_per_s": round(tps, 1),
+                          "mfu_vs_measured_matmul_peak": None if mfu is None else round(mfu, 4),
+                          "vs_hf": round(tps / hf_tps, 3), "batch": args.batch, "seq": args.seq,
+                          "dtype": args.dtype, "threads": args.threads}))
+        table.add_row(name, f"{tps:,.0f}", "n/a" if mfu is None else f"{mfu:.1%}", f"{tps / hf_tps:.2f}x")
+    Console().print(table)
+    print(f"peak used for MFU: {peak / 1e12:.3f} TFLOP/s ({args.dtype} matmul measured on this CPU)")
+
+
+if __name__ == "__main__":
+    main()
