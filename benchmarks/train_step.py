@@ -39,9 +39,9 @@ def ours_step(model: Transformer, cfg: TrainConfig, batches, autocast, mtp: bool
 
     def step() -> None:
         window = next(it)
-        with autocast():
-            out = model(window[:, :-1], mtp=mtp)
-        losses = compute_losses(out, window, cfg)
+        with autocast():  # as the trainer does: the head runs fused with the loss
+            out = model(window[:, :-1], mtp=mtp, logits=False)
+            losses = compute_losses(out, window, cfg, model.lm_head.weight)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for o in opts:

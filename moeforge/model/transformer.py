@@ -31,9 +31,10 @@ from moeforge.model.moe import MoE, MoEStats
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when called with logits=False
     hidden: torch.Tensor  # (B, T, D) after the final norm
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V), predicts t_{i+k+1}
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, D) after its norm
     moe_stats: list[MoEStats] = field(default_factory=list)  # main MoE layers, then MTP layers
     cache: list[LatentKV] | None = None
 
@@ -122,8 +123,13 @@ class Transformer(nn.Module):
         absorbed: bool = False,
         mtp: bool = True,
         return_cache: bool = False,
+        logits: bool = True,
     ) -> ModelOutput:
-        """ids (B, T) -> logits (B, T, V). With `cache`, ids continue the cached tokens at `start_pos`."""
+        """ids (B, T) -> logits (B, T, V). With `cache`, ids continue the cached tokens at `start_pos`.
+
+        logits=False skips the output head (main and MTP): the trainer applies it fused with the loss
+        to the normalised hidden states (`hidden`, `mtp_hidden`).
+        """
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
         B, T = ids.shape
@@ -139,7 +145,7 @@ class Transformer(nn.Module):
             if s is not None:
                 stats.append(s)
         h = self.norm(h)
-        out = ModelOutput(logits=self.lm_head(h), hidden=h, moe_stats=stats,
+        out = ModelOutput(logits=self.lm_head(h) if logits else None, hidden=h, moe_stats=stats,
                           cache=new_cache if return_cache else None)
         if mtp and cache is None:
             h_prev = h
@@ -148,7 +154,9 @@ class Transformer(nn.Module):
                     break
                 n = T - k
                 h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, :n], cos[:n], sin[:n])
-                out.mtp_logits.append(self.lm_head(module.norm(h_prev)))
+                out.mtp_hidden.append(module.norm(h_prev))
+                if logits:
+                    out.mtp_logits.append(self.lm_head(out.mtp_hidden[-1]))
                 if s is not None:
                     stats.append(s)
         return out

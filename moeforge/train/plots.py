@@ -77,7 +77,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        ax.set_title(f"expert load / layer mean, steps {last.get('load_from_step', '?')}-{last['step']} "
+        ax.set_title(f"expert load / layer mean, steps {last.get('load_from_step', '?')}-{last['step']}\n"
                      f"(max/mean worst layer {ratio.max():.2f})")
         fig.colorbar(im, ax=ax, label="tokens / mean")
         fig.tight_layout()

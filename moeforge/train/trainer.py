@@ -32,6 +32,7 @@ from moeforge.accounting import flops_per_token_train
 from moeforge.config import ModelConfig
 from moeforge.device import default_device, default_dtype, matmul_tflops, peak_flops
 from moeforge.model.transformer import ModelOutput, Transformer
+from moeforge.ops.cross_entropy import linear_cross_entropy
 from moeforge.train.balance import load_stats, moe_modules, update_bias
 from moeforge.train.config import TrainConfig
 from moeforge.train.optim import build_optimizers, lr_multiplier, set_lr
@@ -45,14 +46,26 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
-def compute_losses(out: ModelOutput, window: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """window (B, T+1): inputs are window[:, :T]; depth-k MTP logits predict window[:, k+1:]."""
-    main = F.cross_entropy(out.logits.float().flatten(0, 1), window[:, 1:].flatten())
+def compute_losses(out: ModelOutput, window: torch.Tensor, cfg: TrainConfig,
+                   head: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """window (B, T+1): inputs are window[:, :T]; depth-k MTP outputs predict window[:, k+1:].
+
+    With `head` (the output weight) and an output computed with logits=False, the head
+    runs fused with the loss (moeforge.ops.cross_entropy) on the hidden states.
+    """
+
+    def ce(logits: torch.Tensor | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits is not None:
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten())
+
+    main = ce(out.logits, out.hidden, window[:, 1:])
     losses = {"main_loss": main}
     total = main
-    if out.mtp_logits:
-        mtp = [F.cross_entropy(lg.float().flatten(0, 1), window[:, k + 1 :].flatten())
-               for k, lg in enumerate(out.mtp_logits, start=1)]
+    depths = len(out.mtp_logits) or len(out.mtp_hidden)
+    if depths:
+        mtp = [ce(out.mtp_logits[k - 1] if out.mtp_logits else None, out.mtp_hidden[k - 1], window[:, k + 1 :])
+               for k in range(1, depths + 1)]
         losses["mtp_loss"] = torch.stack(mtp).mean()
         total = total + cfg.mtp_weight * losses["mtp_loss"]
     if out.moe_stats:
@@ -164,8 +177,8 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             window = self.sampler.next().to(self.device)
             with self._autocast():
-                out = self.forward(window[:, :-1])
-            losses = compute_losses(out, window, cfg)
+                out = self.forward(window[:, :-1], logits=False)
+                losses = compute_losses(out, window, cfg, self.model.lm_head.weight)
             if not torch.isfinite(losses["loss"]):
                 finite = False
                 break

@@ -143,9 +143,9 @@ def test_non_finite_steps_are_skipped_then_abort(corpus, tmp_path, monkeypatch):
     real = tr.compute_losses
     calls = {"n": 0}
 
-    def flaky(out, window, cfg):
+    def flaky(out, window, cfg, head=None):
         calls["n"] += 1
-        losses = real(out, window, cfg)
+        losses = real(out, window, cfg, head)
         if calls["n"] == 2 or calls["n"] >= 5:  # one bad step, then bad forever
             losses["loss"] = losses["loss"] * float("nan")
         return losses
