@@ -22,9 +22,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# The main job: train the tiny MoE on the Python stdlib source (8 MB of it), evaluate,
+# checkpoint, plot, sample. A rerun starts afresh in runs/demo.
 demo: install
-	$(BIN)/moeforge info --preset tiny
-	$(BIN)/moeforge info --preset deepseek-v3
+	rm -rf runs/demo
+	$(BIN)/moeforge train --preset tiny --out runs/demo --max-bytes 8000000 --steps 300 --eval-every 50
 
 test: install-test
 	$(BIN)/python -m pytest
