@@ -110,22 +110,28 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, D = x.shape
-        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         flat = x.reshape(-1, D)
         r = self.gate(flat)
+        out, counts = self._routed(flat, r)
+        out = out.view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        # the balance loss only matters for training; skip its (N, E) work at inference
+        loss = self._balance_loss(r, B, T) if self.training else r.scores.new_zeros(())
+        return out, MoEStats(counts.detach(), loss)
+
+    @torch.compiler.disable  # per-expert row counts are data-dependent: keep this part eager under compile
+    def _routed(self, flat: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed experts for tokens flat (N, D): sort pairs by expert, run each segment, combine."""
+        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         expert_of_pair = r.indices.flatten()  # (N*K,)
         order = expert_of_pair.argsort(stable=True)  # pair indices in expert order
         inv = order.argsort()
         counts = torch.bincount(expert_of_pair, minlength=E)
         # gate weights travel with the rows and scale the expert activations (fp32 router weights)
         y_sorted = self.experts(dispatch(flat, order, inv, K), counts, r.weights.flatten()[order])  # (N*K, D)
-        acc = torch.promote_types(x.dtype, torch.float32)  # sum the K weighted outputs in >= fp32
-        out = combine(y_sorted, order, inv, K, acc).to(x.dtype).view(B, T, D)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        # the balance loss only matters for training; skip its (N, E) work at inference
-        loss = self._balance_loss(r, B, T) if self.training else r.scores.new_zeros(())
-        return out, MoEStats(counts.detach(), loss)
+        acc = torch.promote_types(flat.dtype, torch.float32)  # sum the K weighted outputs in >= fp32
+        return combine(y_sorted, order, inv, K, acc).to(flat.dtype), counts
 
     def _balance_loss(self, r: Routing, B: int, T: int) -> torch.Tensor:
         E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
