@@ -105,6 +105,7 @@ def main() -> None:
         "moeforge (trainer: MTP + balance)": ours_step(Transformer(mcfg), tcfg, batches, autocast, mtp=True),
         f"HF DeepseekV3 ({args.hf_experts})": hf_step(hf, tcfg, batches, autocast),
     }
+    with_mtp = {name: name.startswith("moeforge (trainer") for name in steps}  # which FLOP count applies
     for step in steps.values():
         step()
         step()
@@ -125,7 +126,7 @@ def main() -> None:
     hf_tps = tokens / sorted(times[hf_name])[len(times[hf_name]) // 2]
     for name, t in times.items():
         tps = tokens / sorted(t)[len(t) // 2]
-        mfu = tps * flops["MTP" in name] / peak if peak else None
+        mfu = tps * flops[with_mtp[name]] / peak if peak else None
         print(json.dumps({"bench": "train_step", "model": name, "tokens_per_s": round(tps, 1),
                           "mfu_vs_measured_matmul_peak": None if mfu is None else round(mfu, 4),
                           "vs_hf": round(tps / hf_tps, 3), "batch": args.batch, "seq": args.seq,

@@ -111,12 +111,13 @@ def dtype_runs(device: str, dtype: torch.dtype) -> bool:
 def matmul_tflops(device: str) -> dict[str, float | None]:
     """Measured square-matmul throughput (TFLOPS) per name in `DTYPES`; None where the dtype fails.
 
-    n = 256 on CPU, 2048 on accelerators: big enough to be compute-bound, small enough
+    n = 1024 on CPU, 2048 on accelerators: big enough to be compute-bound (a 256-matrix
+    reached only ~2/3 of the sustained fp32 rate on the dev CPU), small enough
     to take a few ms per dtype. The dtypes are timed in interleaved rounds and each keeps
     its best round, so a burst of load from other processes hits them alike.
     """
     dev = torch.device(device)
-    n, rounds = (256, 5) if dev.type == "cpu" else (2048, 10)
+    n, rounds = (1024, 3) if dev.type == "cpu" else (2048, 10)
     pairs = {}
     for name, dt in DTYPES.items():
         if dtype_runs(device, dt):
