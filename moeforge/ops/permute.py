@@ -51,3 +51,20 @@ def dispatch(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) ->
 def combine(y: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int, acc: torch.dtype) -> torch.Tensor:
     """Expert-ordered rows (M, D) summed per token in dtype acc -> (N, D); the inverse of dispatch."""
     return _Combine.apply(y, order, inv, k, acc)
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def permute(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Rows x[perm] for a permutation perm with inverse inv; the backward pass is the inverse gather."""
+    return _Permute.apply(x, perm, inv)
