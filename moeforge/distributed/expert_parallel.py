@@ -46,7 +46,9 @@ class ExpertParallelExperts(GroupedExperts):
             raise ValueError(f"n_routed_experts={E} is not divisible by ep={self.ep}; choose an ep that divides it")
         self.num_experts, self.local = E, E // self.ep
         self.first = lo = self.rank * self.local
-        self.impl = full.impl
+        for key, value in vars(full).items():  # plain settings (impl, limit, ...): everything but modules/params
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[lo : lo + self.local].clone())
         self.down_proj = nn.Parameter(full.down_proj.detach()[lo : lo + self.local].clone())
 

@@ -51,6 +51,7 @@ class TrainConfig:
     sample_tokens: int = 60
     seed: int = 0
     device: str | None = None  # default: the accelerator PyTorch sees, else cpu
+    ep: int = 1  # expert-parallel ranks (under torchrun; world = dp_shard x ep)
     threads: int | None = None  # CPU threads (torch.set_num_threads)
 
     def validate(self) -> "TrainConfig":
@@ -58,7 +59,7 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"invalid training config: {msg}")
 
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every", "ep"):
             need(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
         need(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 minutes (got {self.time_budget})")
         need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")

@@ -43,8 +43,11 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     decay = [p for n, p in rest if p.ndim >= 2]
     no_decay = [p for n, p in rest if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # FSDP2 parameters are DTensors, expert-parallel slices are plain tensors: the foreach kernels
+    # cannot mix the two, so mixed models take the per-tensor path
+    kinds = {type(p).__name__ == "DTensor" for _, p in unique}
     opts: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas, foreach=True)
+        torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas, foreach=len(kinds) == 1)
     ]
     if muon:
         opts.append(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,

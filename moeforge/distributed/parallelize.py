@@ -1,0 +1,130 @@
+"""Apply parallelism to a single-device model, in one documented order: EP, then FSDP2.
+
+1. Expert parallel (`ep > 1`): each MoE block's routed experts become an
+   `ExpertParallelExperts` holding E / ep experts of this rank's EP group.
+2. FSDP2 (`fully_shard`) over the whole world for every other parameter: each decoder
+   block (and each MTP block) is a unit, then the root (embedding, head, final norm).
+   Expert-parallel weights are left out of these units (`ignored_params`): with
+   `dp_shard > 1` they are replicated over the dp_shard group and their gradients are
+   averaged there (`sync_expert_grads`); with ep = 1 the experts are ordinary
+   parameters and FSDP shards them with their block.
+
+Gradient scale: every rank's loss is the mean over its own tokens, and FSDP averages
+over the world, so replicated parameters get the gradient of the global mean. A rank's
+experts, however, receive gradient from the tokens of all `ep` ranks of its EP group
+(the all-to-all backward), i.e. ep times the global-mean share: `sync_expert_grads`
+divides by ep after averaging over dp_shard. Then `clip_grad_norm` takes the norm over
+all shards (FSDP DTensors and the EP slices, each counted once).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from moeforge.distributed.dims import ParallelDims
+from moeforge.distributed.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+
+
+class Parallel:
+    """What the trainer needs to know about the process layout."""
+
+    def __init__(self, dims: ParallelDims, device: torch.device):
+        self.dims = dims
+        self.rank = dist.get_rank()
+        # (dp_shard, ep): rank = d * ep + e, so an EP group is a row and a dp_shard group a column
+        self.mesh: DeviceMesh = init_device_mesh(device.type, (dims.dp_shard, dims.ep), mesh_dim_names=("dp_shard", "ep"))
+        self.world_mesh: DeviceMesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("world",))
+        self.ep_group = self.mesh.get_group("ep")
+        self.dp_group = self.mesh.get_group("dp_shard")
+        self.expert_modules: list[ExpertParallelExperts] = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self.dims.check_model(model.cfg.moe.n_routed_experts)
+        if self.dims.ep > 1:
+            self.expert_modules = apply_expert_parallel(model, self.ep_group)
+        ignored = {p for m in self.expert_modules for p in m.parameters()}
+        for block in list(model.layers) + [m.block for m in model.mtp]:
+            fully_shard(block, mesh=self.world_mesh, ignored_params=ignored or None)
+        fully_shard(model, mesh=self.world_mesh, ignored_params=ignored or None)
+        return model
+
+    # ------------------------------------------------------------ gradients
+    @torch.no_grad()
+    def sync_expert_grads(self) -> None:
+        for m in self.expert_modules:
+            for p in m.parameters():
+                if p.grad is None:
+                    continue
+                if self.dims.dp_shard > 1:
+                    dist.all_reduce(p.grad, group=self.dp_group)
+                    p.grad.div_(self.dims.dp_shard)
+                p.grad.div_(self.dims.ep)
+
+    @torch.no_grad()
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        expert = {id(p) for m in self.expert_modules for p in m.parameters()}
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if isinstance(g, DTensor):
+                g = g.to_local()  # this rank's shard; shards are summed below
+            part = g.double().pow(2).sum().cpu()
+            sq += part
+        # FSDP shards partition the replicated parameters over the world; EP slices partition the
+        # experts over the EP group and repeat over dp_shard: count those once.
+        shard_sq = torch.zeros((), dtype=torch.float64)
+        for p in params:
+            if p.grad is not None and id(p) in expert:
+                shard_sq += p.grad.double().pow(2).sum().cpu()
+        fsdp_sq = sq - shard_sq
+        dist.all_reduce(fsdp_sq)
+        if self.expert_modules:
+            dist.all_reduce(shard_sq, group=self.ep_group)
+        total = math.sqrt(float(fsdp_sq + shard_sq))
+        if max_norm > 0 and math.isfinite(total) and total > max_norm:
+            scale = max_norm / (total + 1e-6)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return torch.tensor(total)
+
+    # ------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor at full size, on CPU (a collective: all ranks call it; all get the result)."""
+        expert_names = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)
+                        for p in ("gate_up_proj", "down_proj")}
+        out = {}
+        for name, t in model.state_dict().items():
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            elif name in expert_names:
+                parts = [torch.empty_like(t) for _ in range(self.dims.ep)]
+                dist.all_gather(parts, t.contiguous(), group=self.ep_group)
+                t = torch.cat(parts)
+            out[name] = t.detach().cpu().clone()
+        return out
+
+    # ------------------------------------------------------------ reductions
+    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def mean_all(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.dims.world
