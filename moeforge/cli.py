@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from tokenizers import Tokenizer
 
-    from moeforge.infer.sample import generate
+    from moeforge.infer.engine import Engine, SamplingParams
     from moeforge.model.checkpoint import load_model
     from moeforge.train.state import checkpoints
 
@@ -155,16 +155,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt is empty after tokenization; give some text with --prompt")
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.tensor([ids], device=next(model.parameters()).device)
+    engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop or [])
+    req = engine.submit(ids, params)
     print(args.prompt, end="", flush=True)
-    done = list(ids)
-    for token in generate(model, prompt, args.max_new_tokens, gen, args.temperature, args.top_k, args.top_p,
-                          eos_token_id=model.cfg.eos_token_id):
-        text_before = tok.decode(done)
-        done.append(token)
-        print(tok.decode(done)[len(text_before):], end="", flush=True)
+    while not req.finished:
+        engine.step()
+        print(req.new_text(hold=max((len(s) for s in params.stop), default=1) - 1), end="", flush=True)
     print()
+    if args.speculative:
+        rate = engine.stats.acceptance_rate
+        print(f"MTP draft acceptance: {', '.join(f'{r:.2f}' for r in rate)}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from moeforge.serve.app import load_server
+    except ImportError as e:
+        raise ValueError(f"serving needs fastapi and uvicorn ({e}); pip install 'moeforge[serve]'") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
+    app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                      max_len=args.max_len, speculative=args.speculative, api_key=args.api_key,
+                      model_name=args.model_name, max_concurrent=args.max_concurrent)
+    print(f"moeforge: serving {args.ckpt} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -221,7 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a checkpoint (see docs/serving.md)")
+    srv.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (or a run folder)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    srv.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    srv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    srv.add_argument("--max-concurrent", type=int, default=None,
+                     help="requests running or waiting before 429 (default 4 x max-batch)")
+    srv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
+    srv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    srv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(func=cmd_serve)
 
     plot = sub.add_parser("plot", help="write loss.png and expert_load.png for a run folder")
     plot.add_argument("run_dir")

@@ -1,10 +1,8 @@
 """Sampling as pure functions of logits and an explicit `torch.Generator`, and a simple generator.
 
 `sample_next` applies temperature, top-k and top-p (nucleus) filtering and draws one token
-per row; temperature 0 is greedy. `generate` prefills the prompt with the naive MLA path,
-then decodes one token at a time with the absorbed path over the cached latents. It is
-the straightforward loop the trainer and `moeforge generate` use; the batched engine
-with a preallocated cache and MTP speculation belongs to moeforge/infer's engine.
+per row; temperature 0 is greedy. `generate` is a one-sequence convenience wrapper over
+the batched engine (moeforge/infer/engine.py), used for the trainer's samples.
 
 Shapes: B batch, V vocab.
 """
@@ -49,7 +47,6 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(
     model: Transformer,
     prompt: torch.Tensor,
@@ -60,22 +57,21 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids for a (1, T) prompt until max_new_tokens or eos."""
+    """Yield new token ids for a (1, T) prompt until max_new_tokens or eos (a batch-1 `Engine`)."""
+    from moeforge.infer.engine import Engine, SamplingParams
+
     if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (1, T) tensor of ids, got shape {tuple(prompt.shape)}")
     limit = model.cfg.max_position_embeddings
     if prompt.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {limit} tokens")
-    out = model(prompt, mtp=False, return_cache=True)
-    cache, pos = out.cache, prompt.shape[1]
-    logits = out.logits[:, -1]
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, generator, temperature, top_k, top_p)
-        token = int(nxt[0])
+    if max_new_tokens <= 0:
+        return
+    engine = Engine(model, max_batch=1, max_len=prompt.shape[1] + max_new_tokens)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            ignore_eos=True)
+    for token in engine.stream(prompt[0].tolist(), params, generator):
         if eos_token_id is not None and token == eos_token_id:
             return
         yield token
-        out = model(nxt.view(1, 1), start_pos=pos, cache=cache, absorbed=True, mtp=False, return_cache=True)
-        cache, pos = out.cache, pos + 1
-        logits = out.logits[:, -1]

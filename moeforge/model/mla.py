@@ -27,10 +27,16 @@ from moeforge.model.layers import RMSNorm, apply_rope
 
 @dataclass
 class LatentKV:
-    """What MLA caches per token: the normalised latent (B, S, C) and rotated key (B, S, R)."""
+    """What MLA caches per token: the normalised latent (B, S, C) and rotated key (B, S, R).
+
+    `mask` (B, T, S) bool, when set, says which keys each new query may see; a preallocated
+    cache (moeforge.infer.cache) sets it for sequences of different lengths in one batch.
+    None means the new tokens directly follow all S - T cached ones (plain causal).
+    """
 
     latent: torch.Tensor
     k_rope: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def extend(self, latent: torch.Tensor, k_rope: torch.Tensor) -> LatentKV:
         return LatentKV(torch.cat([self.latent, latent], 1), torch.cat([self.k_rope, k_rope], 1))
@@ -117,7 +123,9 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, kv.k_rope.unsqueeze(2).expand(B, S, H, cfg.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,*,D)
-        if T == S:
+        if kv.mask is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask.unsqueeze(1), scale=self.softmax_scale)
+        elif T == S:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
         else:
             mask = self._causal_mask(T, S, q.device)
@@ -132,7 +140,7 @@ class MLA(nn.Module):
         scores = torch.einsum("bthc,bsc->bhts", q_lat, kv.latent) + torch.einsum("bthr,bsr->bhts", q_rope, kv.k_rope)
         # softmax statistics in at least fp32
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.softmax_scale
-        mask = self._causal_mask(T, S, scores.device)
+        mask = kv.mask.unsqueeze(1) if kv.mask is not None else self._causal_mask(T, S, scores.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1).to(kv.latent.dtype)

@@ -118,7 +118,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         ids: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: list[LatentKV] | None = None,
         absorbed: bool = False,
         mtp: bool = True,
@@ -127,13 +127,19 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         """ids (B, T) -> logits (B, T, V). With `cache`, ids continue the cached tokens at `start_pos`.
 
+        `start_pos` may be a (B,) tensor: each sequence's first new position (batched sequences of
+        different lengths, with a cache whose `extend` supplies the attention mask).
+
         logits=False skips the output head (main and MTP): the trainer applies it fused with the loss
         to the normalised hidden states (`hidden`, `mtp_hidden`).
         """
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
         B, T = ids.shape
-        positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+        if isinstance(start_pos, torch.Tensor):  # per-sequence positions (B, T)
+            positions = start_pos.to(ids.device).view(-1, 1) + torch.arange(T, device=ids.device)
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=ids.device)
         cos, sin = self.rotary(positions)
         h = self.embed_tokens(ids)
         new_cache: list[LatentKV] = []
@@ -153,7 +159,7 @@ class Transformer(nn.Module):
                 if T - k <= 0:
                     break
                 n = T - k
-                h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, :n], cos[:n], sin[:n])
+                h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, :n], cos[..., :n, :], sin[..., :n, :])
                 out.mtp_hidden.append(module.norm(h_prev))
                 if logits:
                     out.mtp_logits.append(self.lm_head(out.mtp_hidden[-1]))

@@ -1,0 +1,334 @@
+"""Batched inference engine: prefill, absorbed-MLA decode over a preallocated latent cache,
+continuous batching, optional MTP self-speculative decoding.
+
+`Engine.submit` queues a request; each `Engine.step()`:
+  1. drops cancelled requests (their slot is freed at once),
+  2. admits waiting requests into free slots and prefills them together (right-padded,
+     naive MLA path, per-sequence positions), sampling each one's first token,
+  3. runs one decode step for every active sequence: one new token each with the
+     absorbed path (or, with speculation, one verify forward of pending + draft tokens;
+     moeforge/infer/speculative.py),
+  4. retires finished sequences (eos, stop string, max_tokens, context full).
+Requests therefore join and leave the running batch between decode steps. The engine is
+single-threaded; the server drives it from one worker thread (moeforge/serve).
+
+Sampling is done per row with the request's own `torch.Generator` (seeded from
+`SamplingParams.seed`), so a request's output does not depend on what it was batched with.
+
+Shapes: B rows in a step, T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from moeforge.infer.cache import LatentCache
+from moeforge.infer.sample import filter_logits
+from moeforge.model.transformer import Transformer
+
+_ids = itertools.count()
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        return self
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: str = ""
+    output: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output (with a tokenizer), cut before a stop string
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    cancelled: bool = False
+    on_update: Callable[[Request], None] | None = None  # called from the engine's thread after each step
+    generator: torch.Generator | None = None
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    # engine state
+    slot: int = -1
+    pending: int = -1  # sampled, not yet in the cache
+    draft: int = -1  # MTP draft for the token after `pending`
+    draft_probs: torch.Tensor | None = None  # (V,) the draft distribution (temperature > 0)
+    emitted: int = 0  # characters of `text` already streamed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def new_text(self, hold: int = 0) -> str:
+        """Text not yet streamed. While running, keep back `hold` chars (a possible stop-string prefix)
+        and an incomplete UTF-8 character."""
+        end = len(self.text)
+        if not self.finished:
+            end = max(self.emitted, end - hold)
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    batch_size_sum: int = 0  # sum over decode steps of the rows decoded
+    drafted: list[int] = field(default_factory=list)  # per draft position
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.batch_size_sum / self.steps if self.steps else 0.0
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None, tokenizer=None,
+                 speculative: bool = False):
+        """`tokenizer`: an HF `tokenizers.Tokenizer` (needed for stop strings and `Request.text`)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cfg = model.cfg
+        self.model, self.cfg, self.tokenizer = model.eval(), cfg, tokenizer
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_batch = max_batch
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative decoding needs a model with MTP modules (mtp.num_layers >= 1)")
+        self.speculative = speculative
+        p = model.embed_tokens.weight
+        self.device, self.dtype = p.device, p.dtype
+        a = cfg.attention
+        # +1: a verify step writes the draft one position past the last kept token
+        self.cache = LatentCache(cfg.num_layers, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
+                                 self.device, self.dtype)
+        self.mtp_cache = (LatentCache(1, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
+                                      self.device, self.dtype) if speculative else None)
+        self.active: list[Request] = []  # active[i].slot == i
+        self.waiting: deque[Request] = deque()
+        self.stats = EngineStats(drafted=[0] if speculative else [], accepted=[0] if speculative else [])
+        self._hold = 0
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None,
+               on_update: Callable[[Request], None] | None = None,
+               generator: torch.Generator | None = None) -> Request:
+        """Queue a prompt. `generator` overrides the one seeded from `params.seed`."""
+        params = (params or SamplingParams()).validate()
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {self.cfg.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context of {self.max_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine to have a tokenizer")
+        gen = generator
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        req = Request(list(prompt), params, request_id or f"req-{next(_ids)}", on_update=on_update, generator=gen)
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Safe from the engine's thread; other threads set `req.cancelled = True` instead."""
+        req.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Run prompts to completion (batched up to max_batch at a time); requests in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        while self.has_work:
+            self.step()
+        return reqs
+
+    def stream(self, prompt: list[int], params: SamplingParams,
+               generator: torch.Generator | None = None) -> Iterator[int]:
+        """Token ids of one request as they are produced (runs the engine itself)."""
+        req = self.submit(prompt, params, generator=generator)
+        sent = 0
+        while not req.finished:
+            self.step()
+            yield from req.output[sent:]
+            sent = len(req.output)
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Admit, prefill, decode one step, retire. Returns the requests that changed."""
+        changed: list[Request] = []
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            req.finish_reason = "cancelled"
+            changed.append(req)
+        for req in self.active:
+            if req.cancelled and not req.finished:
+                req.finish_reason = "cancelled"
+                changed.append(req)
+        self._retire()
+        new: list[Request] = []
+        while self.waiting and len(self.active) + len(new) < self.max_batch:
+            new.append(self.waiting.popleft())
+        if new:
+            self._prefill(new)
+            changed += new
+        self._retire()
+        if self.active:
+            rows = list(self.active)
+            if self.speculative:
+                from moeforge.infer.speculative import speculative_step
+
+                speculative_step(self, rows)
+            else:
+                self._decode(rows)
+            self.stats.steps += 1
+            self.stats.batch_size_sum += len(rows)
+            changed += [r for r in rows if r not in changed]
+        self._retire()
+        for req in changed:
+            if req.on_update is not None:
+                req.on_update(req)
+        return changed
+
+    def _retire(self) -> None:
+        """Free the slots of finished requests, moving the last active slot into each hole."""
+        i = 0
+        while i < len(self.active):
+            req = self.active[i]
+            if not req.finished:
+                i += 1
+                continue
+            last = self.active.pop()
+            if last is not req:
+                for c in self._caches():
+                    c.move(last.slot, req.slot)
+                last.slot = req.slot
+                self.active[i] = last
+            for c in self._caches():
+                c.clear(len(self.active))
+            req.slot = -1
+
+    def _caches(self) -> list[LatentCache]:
+        return [self.cache] + ([self.mtp_cache] if self.mtp_cache is not None else [])
+
+    def _prefill(self, new: list[Request]) -> None:
+        lo = len(self.active)
+        for i, req in enumerate(new):
+            req.slot = lo + i
+            for c in self._caches():
+                c.clear(req.slot)
+        self.active += new
+        hi = len(self.active)
+        lens = [len(r.prompt) for r in new]
+        T = max(lens)
+        ids = torch.zeros(len(new), T, dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, : lens[i]] = torch.tensor(r.prompt)
+        ids = ids.to(self.device)
+        pos = self.cache.positions(lo, hi)
+        out = self.model(ids, start_pos=pos, cache=self.cache.step(lo, hi, T), mtp=False, logits=False)
+        self.cache.commit(lo, lens)
+        last = torch.tensor(lens, device=self.device) - 1
+        rows = torch.arange(len(new), device=self.device)
+        logits = self.model.lm_head(out.hidden[rows, last])  # (B, V)
+        tokens = self.sample(logits, new)
+        self.stats.prefill_tokens += sum(lens)
+        for req, tok in zip(new, tokens):
+            req.pending = tok
+            self._append(req, tok)
+        if self.speculative:
+            from moeforge.infer.speculative import mtp_draft
+
+            # MTP position i takes the main hidden state at i and token i+1: the prompt shifted by one + first token
+            nxt = torch.zeros_like(ids)
+            for i, r in enumerate(new):
+                nxt[i, : lens[i]] = torch.tensor(r.prompt[1:] + [r.pending])
+            mtp_draft(self, new, lo, out.hidden, nxt, lens, pos, absorbed=False)
+
+    def _decode(self, rows: list[Request]) -> None:
+        n = len(rows)
+        ids = torch.tensor([[r.pending] for r in rows], device=self.device)
+        pos = self.cache.positions(0, n)
+        out = self.model(ids, start_pos=pos, cache=self.cache.step(0, n, 1), absorbed=True, mtp=False, logits=False)
+        self.cache.commit(0, [1] * n)
+        tokens = self.sample(self.model.lm_head(out.hidden[:, 0]), rows)
+        for req, tok in zip(rows, tokens):
+            req.pending = tok
+            self._append(req, tok)
+
+    # --------------------------------------------------------------- sampling
+    def sample(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
+        """(B, V) logits -> one token per row, each with its request's parameters and generator."""
+        out = logits.argmax(-1).tolist()
+        for i, req in enumerate(rows):
+            p = req.params
+            if p.temperature > 0:
+                probs = filter_logits(logits[i : i + 1], p.temperature, p.top_k, p.top_p).softmax(-1)
+                out[i] = int(torch.multinomial(probs, 1, generator=req.generator))
+        return out
+
+    def _append(self, req: Request, token: int) -> None:
+        """Add a sampled token to the request's output and decide whether it is finished."""
+        if req.finished:
+            return
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        p = req.params
+        if not p.ignore_eos and self.cfg.eos_token_id is not None and token == self.cfg.eos_token_id:
+            req.finish_reason = "stop"
+            return
+        req.output.append(token)
+        self.stats.generated_tokens += 1
+        if self.tokenizer is not None:
+            old = len(req.text)
+            req.text = self.tokenizer.decode(req.output)
+            if p.stop:
+                start = max(0, old - max(len(s) for s in p.stop))
+                hits = [i for i in (req.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    req.text = req.text[: min(hits)]
+                    req.finish_reason = "stop"
+                    return
+        if len(req.output) >= p.max_tokens:
+            req.finish_reason = "length"
+        elif len(req.prompt) + len(req.output) >= self.max_len:
+            req.finish_reason = "length"

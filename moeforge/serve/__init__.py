@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving (`moeforge serve`); see docs/serving.md."""

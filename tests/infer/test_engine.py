@@ -1,0 +1,188 @@
+"""Engine: preallocated latent cache, batching, continuous batching, sampling, MTP speculation."""
+
+import pytest
+import torch
+
+from moeforge.config import get_preset
+from moeforge.infer import speculative
+from moeforge.infer.cache import LatentCache
+from moeforge.infer.engine import Engine, SamplingParams
+from moeforge.infer.sample import generate
+from moeforge.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # larger init than training's 0.02 so greedy choices are not near-ties
+    cfg = get_preset("tiny").replace(vocab_size=300, hidden_size=64, intermediate_size=96, initializer_range=0.15,
+                                     max_position_embeddings=128, eos_token_id=None, **{
+                                         "moe.moe_intermediate_size": 32, "attention.q_lora_rank": 32,
+                                         "attention.kv_lora_rank": 24, "mtp.num_layers": 1})
+    return Transformer(cfg).eval()
+
+
+PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [100], [7, 7, 250, 31], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def test_cache_layout_and_bytes(model):
+    a = model.cfg.attention
+    c = LatentCache(model.cfg.num_layers, 3, 50, a.kv_lora_rank, a.qk_rope_head_dim)
+    assert c.latent.shape == (4, 3, 50, 24) and c.k_rope.shape == (4, 3, 50, 16)
+    assert c.bytes_per_token == 4 * (24 + 16) * 4
+
+
+@torch.no_grad()
+def test_batched_cached_decode_equals_full_recompute(model):
+    """Padded prefill of different-length prompts, then absorbed decode: logits == full forward."""
+    a = model.cfg.attention
+    cache = LatentCache(model.cfg.num_layers, 4, 40, a.kv_lora_rank, a.qk_rope_head_dim)
+    seqs = [list(p) for p in PROMPTS]
+    lens = [len(s) for s in seqs]
+    T = max(lens)
+    ids = torch.zeros(4, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    out = model(ids, start_pos=cache.positions(0, 4), cache=cache.step(0, 4, T), mtp=False)
+    cache.commit(0, lens)
+    step_logits = [[out.logits[i, n - 1]] for i, n in enumerate(lens)]
+    for _ in range(5):
+        nxt = [int(step_logits[i][-1].argmax()) for i in range(4)]
+        for s, t in zip(seqs, nxt):
+            s.append(t)
+        o = model(torch.tensor(nxt).view(4, 1), start_pos=cache.positions(0, 4), cache=cache.step(0, 4, 1),
+                  absorbed=True, mtp=False)
+        cache.commit(0, [1] * 4)
+        for i in range(4):
+            step_logits[i].append(o.logits[i, 0])
+    for i, s in enumerate(seqs):
+        full = model(torch.tensor([s]), mtp=False).logits[0]
+        got = torch.stack(step_logits[i])
+        torch.testing.assert_close(got, full[lens[i] - 1 :], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_equals_one_by_one_and_continuous_batching(model):
+    alone = [Engine(model, max_batch=1).generate([p], GREEDY)[0].output for p in PROMPTS]
+    together = [r.output for r in Engine(model, max_batch=4).generate(PROMPTS, GREEDY)]
+    assert together == alone
+    # two slots, four requests with different lengths: requests join and leave between steps
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (3, 12, 5, 12)]
+    eng = Engine(model, max_batch=2)
+    reqs = [eng.submit(p, sp) for p, sp in zip(PROMPTS, params)]
+    sizes = []
+    while eng.has_work:
+        eng.step()
+        sizes.append(len(eng.active))
+    assert [r.output for r in reqs] == [a[: sp.max_tokens] for a, sp in zip(alone, params)]
+    assert all(r.finish_reason == "length" for r in reqs) and max(sizes) == 2
+    assert eng.cache.lengths == [0, 0]  # every slot freed
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in range(4)]
+    alone = [Engine(model, max_batch=1).generate([p], sp)[0].output for p, sp in zip(PROMPTS, params)]
+    together = [r.output for r in Engine(model, max_batch=4).generate(PROMPTS, params)]
+    assert together == alone
+    other_seed = Engine(model).generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.9, seed=99))
+    assert other_seed[0].output != alone[0]
+
+
+def test_generate_wrapper_matches_engine_and_stops_at_eos(model):
+    g = torch.Generator().manual_seed(0)
+    toks = list(generate(model, torch.tensor([PROMPTS[0]]), 12, g, temperature=0))
+    assert toks == Engine(model).generate([PROMPTS[0]], GREEDY)[0].output
+    assert list(generate(model, torch.tensor([PROMPTS[0]]), 12, g, temperature=0, eos_token_id=toks[3])) == toks[:3]
+
+
+def test_cancel_frees_the_slot(model):
+    eng = Engine(model, max_batch=1)
+    a = eng.submit(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0))
+    b = eng.submit(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0))
+    eng.step()
+    assert eng.active == [a]
+    a.cancelled = True
+    eng.step()
+    assert a.finish_reason == "cancelled" and eng.active == [b]
+    while eng.has_work:
+        eng.step()
+    assert len(b.output) == 6
+
+
+def test_bad_requests_raise_value_error(model):
+    eng = Engine(model)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        eng.submit([1] * 100, SamplingParams(max_tokens=50))
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.submit([1], SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="top_p"):
+        eng.submit([1], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="empty"):
+        eng.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.submit([1], SamplingParams(stop=["x"]))
+
+
+def test_stop_strings_and_eos():
+    from moeforge.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello world, hello there. " * 20], 300)
+    torch.manual_seed(1)
+    cfg = get_preset("tiny").replace(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                                     eos_token_id=None, **{"moe.moe_intermediate_size": 32,
+                                                           "attention.q_lora_rank": 32,
+                                                           "attention.kv_lora_rank": 24, "mtp.num_layers": 0})
+    m = Transformer(cfg).eval()
+    prompt = tok.encode("hello").ids
+    full = Engine(m, tokenizer=tok).generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert full.finish_reason == "length" and full.text == tok.decode(full.output)
+    stop = full.text[len(full.text) // 2 :][:2]
+    cut = Engine(m, tokenizer=tok).generate([prompt], SamplingParams(max_tokens=20, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    m.cfg.eos_token_id = full.output[4]
+    eos = Engine(m).generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert eos.finish_reason == "stop" and eos.output == full.output[: full.output.index(full.output[4])]
+
+
+# ----------------------------------------------------------------- speculation
+def test_speculative_greedy_equals_plain_greedy(model, monkeypatch):
+    plain = [r.output for r in Engine(model, max_batch=4).generate(PROMPTS, GREEDY)]
+    eng = Engine(model, max_batch=4, speculative=True)
+    assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
+    # an oracle draft for some rows exercises the accept path (a random MTP head rarely guesses right)
+    orig = speculative.mtp_draft
+
+    def oracle(engine, rows, *args, **kw):
+        orig(engine, rows, *args, **kw)
+        for r in rows:
+            i = PROMPTS.index(r.prompt)
+            n = len(r.output)  # index in the plain output of the token after `pending` (output[-1])
+            if i % 2 == 0 and n < len(plain[i]):
+                r.draft = plain[i][n]
+
+    monkeypatch.setattr(speculative, "mtp_draft", oracle)
+    eng = Engine(model, max_batch=2, speculative=True)
+    assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
+    assert 0.3 < eng.stats.acceptance_rate[0] < 1.0
+    assert eng.stats.generated_tokens == sum(map(len, plain))
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    from moeforge.infer.engine import Request
+
+    V = 5
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 1.0, 0.0, 2.0, 0.0]])
+    p0, p1 = logits.softmax(-1)
+    q = torch.tensor([0.05, 0.05, 0.6, 0.2, 0.1])  # a poor draft distribution
+    gen = torch.Generator().manual_seed(0)
+    first, second, n = torch.zeros(V), torch.zeros(V), 6000
+    for _ in range(n):
+        r = Request([1], SamplingParams(temperature=1.0), generator=gen)
+        r.draft = int(torch.multinomial(q, 1, generator=gen))
+        r.draft_probs = q
+        kept = speculative._accept(r, logits)
+        first[kept[0]] += 1
+        if len(kept) == 2:
+            second[kept[1]] += 1
+    torch.testing.assert_close(first / n, p0, atol=0.025, rtol=0)
+    torch.testing.assert_close(second / second.sum(), p1, atol=0.04, rtol=0)
