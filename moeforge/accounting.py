@@ -56,12 +56,16 @@ MLA caches the normalised latent plus the shared rotary key: L (C + R) values pe
 (V3: 61 x 576 = 35,136 values = 70,272 bytes in bf16). Full per-head K and V would need
 L H (d_qk + d_v) values (V3: 61 x 40,960). MTP layers are not counted (they only need a
 cache when drafting speculatively).
+
+DeepSeek-V4 configs (`cfg.v4` set) are counted by moeforge/accounting_v4.py, which the
+public functions here dispatch to; its docstring lists the V4 components and cache.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from moeforge import accounting_v4 as _v4
 from moeforge.config import ModelConfig
 
 MAIN_COMPONENTS = (
@@ -132,6 +136,8 @@ def count_params(cfg: ModelConfig) -> dict[str, Any]:
     `total_params`, `active_params` (main, headline), `mtp_params`, `mtp_active_params`,
     `total_params_with_mtp`, `active_params_with_mtp` and `router_bias_buffer`.
     """
+    if cfg.v4 is not None:
+        return _v4.count_params(cfg)
     d, L, Lk = cfg.hidden_size, cfg.num_layers, cfg.moe.first_k_dense_replace
     n_moe, n_mtp = cfg.num_moe_layers, cfg.mtp.num_layers
     moe = _moe_parts(cfg) if (n_moe or n_mtp) else dict.fromkeys(("shared", "routed", "routed_active", "router", "bias"), 0)
@@ -177,6 +183,8 @@ def active_matmul_params(cfg: ModelConfig, with_mtp: bool = False) -> int:
     With `with_mtp`, each MTP module adds eh_proj, its block's matmuls and one more pass
     through the shared head.
     """
+    if cfg.v4 is not None:
+        return _v4.active_matmul_params(cfg, with_mtp)
     d, L = cfg.hidden_size, cfg.num_layers
     moe = _moe_parts(cfg) if (cfg.num_moe_layers or cfg.mtp.num_layers) else None
     moe_active = 0 if moe is None else moe["shared"] + moe["routed_active"] + moe["router"]
@@ -203,6 +211,8 @@ def attention_flops_per_token(cfg: ModelConfig, keys: float) -> float:
 def flops_per_token_forward(cfg: ModelConfig, seq_len: int, with_mtp: bool = False) -> float:
     """Forward FLOPs per token at causal sequence length `seq_len` (see the module docstring)."""
     _check_len("seq_len", seq_len, 1)
+    if cfg.v4 is not None:
+        return _v4.flops_per_token_forward(cfg, seq_len, with_mtp)
     layers = cfg.num_layers + (cfg.mtp.num_layers if with_mtp else 0)
     return 2.0 * active_matmul_params(cfg, with_mtp) + layers * attention_flops_per_token(cfg, seq_len / 2)
 
@@ -215,6 +225,8 @@ def flops_per_token_train(cfg: ModelConfig, seq_len: int, with_mtp: bool = False
 def flops_per_token_decode(cfg: ModelConfig, context: int) -> float:
     """FLOPs to decode one token over `context` cached tokens with absorbed MLA (main model, no MTP)."""
     _check_len("context", context, 0)
+    if cfg.v4 is not None:
+        return _v4.flops_per_token_decode(cfg, context)
     a = cfg.attention
     c, r, h = a.kv_lora_rank, a.qk_rope_head_dim, a.num_heads
     attn = 2.0 * h * (c + r) * context + 2.0 * h * c * context
@@ -223,13 +235,21 @@ def flops_per_token_decode(cfg: ModelConfig, context: int) -> float:
 
 # ------------------------------------------------------------------ KV cache
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
-    """MLA latent cache: num_layers x (kv_lora_rank + qk_rope_head_dim) values of `dtype_bytes` each."""
+    """MLA latent cache: num_layers x (kv_lora_rank + qk_rope_head_dim) values of `dtype_bytes` each.
+
+    V4: the growing part (compressed + indexer keys), rounded to whole bytes."""
+    if cfg.v4 is not None:
+        return round(_v4.kv_cache_bytes_per_token(cfg, dtype_bytes))
     a = cfg.attention
     return cfg.num_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * dtype_bytes
 
 
 def kv_cache_bytes_per_token_full(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
-    """What per-head K and V would need: num_layers x num_heads x (qk_head_dim + v_head_dim) values."""
+    """What per-head K and V would need: num_layers x num_heads x (qk_head_dim + v_head_dim) values.
+
+    V4: its single K = V head per token and layer, uncompressed and unwindowed."""
+    if cfg.v4 is not None:
+        return cfg.num_layers * cfg.v4.head_dim * dtype_bytes
     a = cfg.attention
     return cfg.num_layers * a.num_heads * (a.qk_head_dim + a.v_head_dim) * dtype_bytes
 
@@ -242,7 +262,7 @@ def summarize(cfg: ModelConfig, context: int = 4096, seq_len: int | None = None)
     _check_len("seq_len", seq_len, 1)
     p = count_params(cfg)
     a, m = cfg.attention, cfg.moe
-    return {
+    out = {
         "config": cfg.name,
         "convention": CONVENTION,
         "flops_convention": FLOPS_CONVENTION,
@@ -273,6 +293,10 @@ def summarize(cfg: ModelConfig, context: int = 4096, seq_len: int | None = None)
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_per_token_full_kv": kv_cache_bytes_per_token_full(cfg),
     }
+    if cfg.v4 is not None:
+        out["v4"] = _v4.summary_extra(cfg, context)
+        out["active_params_excl_embedding"] = p["active_params"] - p["components"]["embedding"]["total"]
+    return out
 
 
 def human(n: float, unit: str = "") -> str:
@@ -325,8 +349,23 @@ def print_summary(summary: dict[str, Any]) -> None:
         c.add_row(f"train FLOPs with MTP (seq {s['seq_len']})", human(s["flops_per_token_train_with_mtp"], "FLOP"))
     c.add_row(f"decode FLOPs (context {s['context']})", human(s["flops_per_token_decode"], "FLOP"))
     kv, full = s["kv_cache_bytes_per_token"], s["kv_cache_bytes_per_token_full_kv"]
-    c.add_row("KV cache, MLA latent (bf16)", f"{kv:,} B ({human_bytes(kv)})")
-    c.add_row("KV cache, full per-head K/V (bf16)", f"{full:,} B ({human_bytes(full)}, {full / kv:.0f}x)")
+    if "v4" in s:
+        v4 = s["v4"]
+        for kind, b in v4["kv_bytes_per_token_by_layer_type"].items():
+            short = {"sliding_attention": "sliding", "compressed_sparse_attention": "CSA"}.get(kind, "HCA")
+            c.add_row(f"KV / token, one {short} layer (bf16)",
+                      f"{b:g} B (x{v4['layer_type_counts'][kind]} layers)" + (
+                          f" + window {human_bytes(v4['window_bytes_per_layer'])}" if kind == "sliding_attention" else ""))
+        c.add_row("KV / token, all layers (growing part, bf16)", f"{kv:,} B")
+        c.add_row("V4 cache at 1M tokens (bf16, incl. windows)", human_bytes(v4["v4_cache_bytes_at_1m"]))
+        c.add_row("MLA (V3 latent) at 1M tokens, same layer count",
+                  f"{human_bytes(v4['mla_cache_bytes_at_1m_same_layers'])} "
+                  f"({v4['mla_cache_bytes_at_1m_same_layers'] / v4['v4_cache_bytes_at_1m']:.1f}x)")
+        c.add_row("DeepSeek-V3 (61-layer MLA) at 1M tokens",
+                  f"{human_bytes(v4['v3_cache_bytes_at_1m'])} ({v4['v3_cache_bytes_at_1m'] / v4['v4_cache_bytes_at_1m']:.1f}x)")
+    else:
+        c.add_row("KV cache, MLA latent (bf16)", f"{kv:,} B ({human_bytes(kv)})")
+        c.add_row("KV cache, full per-head K/V (bf16)", f"{full:,} B ({human_bytes(full)}, {full / kv:.0f}x)")
     console = Console()
     console.print(t)
     console.print(c)

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass tree for the DeepSeek V2 / V3 / Kimi-K2 family.
+"""Model configuration: one dataclass tree for the DeepSeek V2 / V3 / V4 / Kimi-K2 family.
 
 Field names follow DeepSeek / HF `config.json` where those exist (`q_lora_rank`,
 `n_routed_experts`, ...) so a user can hold our config next to a checkpoint's.
@@ -6,7 +6,9 @@ Every architectural difference is an explicit field; `validate()` raises a
 `ValueError` that says what is wrong and how to fix it.
 
 `ModelConfig.from_hf_dict` maps an HF `config.json` (model_type `deepseek_v2`,
-`deepseek_v3`, `kimi_k2`) onto these fields, `to_hf_dict` maps back.
+`deepseek_v3`, `kimi_k2`, `deepseek_v4`) onto these fields, `to_hf_dict` maps back.
+A DeepSeek-V4 model is a ModelConfig whose optional `v4` field (`V4Config`) is set;
+with `v4 = None` everything is the V2/V3 family, unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v4")
+V4_ATTENTION_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_MLP_TYPES = ("hash_moe", "moe")
 
 
 @dataclass
@@ -88,6 +92,39 @@ class MTPConfig:
 
 
 @dataclass
+class V4Config:
+    """DeepSeek-V4 fields (HF `DeepseekV4Config` names; see docs/v4.md).
+
+    The V4 model reuses `attention.num_heads`, `attention.q_lora_rank` and `attention.rope`
+    (the "main" RoPE of sliding-window layers) and the MoE fields; the MLA-only fields
+    (kv_lora_rank, qk_nope_head_dim, v_head_dim) are unused.
+    """
+
+    layer_types: list[str] = field(default_factory=list)  # one of V4_ATTENTION_TYPES per layer
+    mlp_layer_types: list[str] = field(default_factory=list)  # one of V4_MLP_TYPES per layer
+    csa_compress_rate: int = 4  # m: tokens per compressed entry in CSA layers
+    hca_compress_rate: int = 128  # m': tokens per compressed entry in HCA layers
+    sliding_window: int = 128  # keys a query sees in the local branch, itself included
+    head_dim: int = 512  # the single shared KV head (K = V) and every query head
+    qk_rope_head_dim: int = 64  # trailing rotary dims of each head (partial RoPE)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    compress_rope: RopeConfig = field(default_factory=lambda: RopeConfig(theta=160000.0))  # CSA/HCA layers
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    swiglu_limit: float = 10.0  # 0 disables the clamp
+
+    def compress_rate(self, layer_type: str) -> int:
+        """Tokens per compressed entry for a layer type (0 for sliding-window-only layers)."""
+        return {"compressed_sparse_attention": self.csa_compress_rate,
+                "heavily_compressed_attention": self.hca_compress_rate}.get(layer_type, 0)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 512
     hidden_size: int = 128
@@ -103,6 +140,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
+    v4: V4Config | None = None  # set: the DeepSeek-V4 architecture (moeforge.model.v4)
     name: str = "custom"
 
     # ---------------------------------------------------------------- validation
@@ -152,6 +190,10 @@ class ModelConfig:
         for tok in ("bos_token_id", "eos_token_id"):
             v = getattr(self, tok)
             need(v is None or 0 <= v < self.vocab_size, f"{tok}={v} is outside the vocabulary (size {self.vocab_size})")
+        if self.v4 is not None:
+            _validate_v4(self, need)
+        elif m.scoring_func == "sqrtsoftplus":
+            need(False, "scoring_func 'sqrtsoftplus' is a DeepSeek-V4 router; set the v4 config or use 'sigmoid'")
         return self
 
     # ------------------------------------------------------------ convenience
@@ -161,6 +203,11 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.moe.first_k_dense_replace
+
+    @property
+    def family(self) -> str:
+        """'v4' for the DeepSeek-V4 architecture, 'v3' for the MLA family (V2 / V3 / Kimi-K2)."""
+        return "v3" if self.v4 is None else "v4"
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with top-level fields or dotted nested ones (`moe.n_group=2`) changed."""
@@ -190,11 +237,17 @@ class ModelConfig:
         rope = RopeConfig(**_only(RopeConfig, att.pop("rope", {}) or {}, "attention.rope"))
         moe = d.pop("moe", {}) or {}
         mtp = d.pop("mtp", {}) or {}
+        v4 = d.pop("v4", None)
+        if v4 is not None:
+            v4 = dict(v4)
+            crope = RopeConfig(**_only(RopeConfig, v4.pop("compress_rope", {}) or {}, "v4.compress_rope"))
+            v4 = V4Config(**_only(V4Config, v4, "v4", skip="compress_rope"), compress_rope=crope)
         return cls(
             **d,
             attention=AttentionConfig(**_only(AttentionConfig, att, "attention"), rope=rope),
             moe=MoEConfig(**_only(MoEConfig, moe, "moe")),
             mtp=MTPConfig(**_only(MTPConfig, mtp, "mtp")),
+            v4=v4,
         )
 
     def save(self, path: str | Path) -> None:
@@ -206,6 +259,10 @@ class ModelConfig:
         mt = hf.get("model_type")
         if mt not in HF_MODEL_TYPES:
             raise ValueError(f"model_type {mt!r} is not supported; expected one of {HF_MODEL_TYPES}")
+        if mt == "deepseek_v4":
+            from moeforge.config_v4 import v4_from_hf_dict
+
+            return v4_from_hf_dict(cls, hf, name)
 
         def get(key: str, default: Any = None) -> Any:
             v = hf.get(key, default)
@@ -277,7 +334,11 @@ class ModelConfig:
         ).validate()
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """An HF `config.json` for DeepseekV3ForCausalLM (V2 for softmax-routed configs)."""
+        """An HF `config.json` for DeepseekV3ForCausalLM (V2 for softmax-routed configs, V4 for V4 configs)."""
+        if self.v4 is not None:
+            from moeforge.config_v4 import v4_to_hf_dict
+
+            return v4_to_hf_dict(self)
         a, m, r = self.attention, self.moe, self.attention.rope
         v2 = m.scoring_func == "softmax"
         rope_parameters: dict[str, Any] = {"rope_type": r.type, "rope_theta": r.theta}
@@ -330,8 +391,8 @@ class ModelConfig:
         return hf
 
 
-def _only(klass: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(klass)} - {"rope"}
+def _only(klass: type, d: dict[str, Any], where: str, skip: str = "rope") -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(klass)} - {skip}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
@@ -415,6 +476,12 @@ def _kimi_k2() -> ModelConfig:
     return cfg
 
 
+def _validate_v4(cfg: ModelConfig, need: Any) -> None:
+    from moeforge.config_v4 import validate_v4
+
+    validate_v4(cfg, need)
+
+
 PRESETS = {
     "tiny": _tiny,
     "deepseek-v2-lite": _deepseek_v2_lite,
@@ -462,3 +529,9 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# DeepSeek-V4 helpers live beside this file (imported last: they use the classes above)
+from moeforge.config_v4 import V4_PRESETS  # noqa: E402
+
+PRESETS.update(V4_PRESETS)

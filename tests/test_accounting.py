@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moeforge import accounting as acc
 from moeforge.config import PRESETS, get_preset
+from moeforge.model import build_model
 from moeforge.model.transformer import Transformer
 
 
@@ -34,6 +35,7 @@ def _component(name: str) -> tuple[str, str]:
         ("embed_tokens.", "embedding"), ("lm_head.", "head"), ("eh_proj.", "eh_proj"),
         (".self_attn.", "attention"), (".mlp.gate.", "router"), (".mlp.experts.", "routed_experts"),
         (".mlp.shared_experts.", "shared_experts"), (".mlp.", "dense_mlp"),
+        ("_hc.", "hyper_connections"), ("hc_head.", "hyper_connections"),
     )
     for pattern, comp in rules:
         if pattern in name or name.startswith(pattern):
@@ -44,7 +46,7 @@ def _component(name: str) -> tuple[str, str]:
 
 def _meta_counts(cfg) -> tuple[dict, dict, int]:
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     counts: dict[str, dict[str, dict[str, int]]] = {"main": {}, "mtp": {}}
     for name, p in model.named_parameters():  # a tied head appears once, as embed_tokens
         where, comp = _component(name)

@@ -68,6 +68,14 @@ def generate(
                          f"model's context of {limit} tokens")
     if max_new_tokens <= 0:
         return
+    if getattr(model.cfg, "v4", None) is not None:  # DeepSeek-V4: its own cache (moeforge.infer.v4)
+        from moeforge.infer.v4 import generate_v4
+
+        for token in generate_v4(model, prompt, max_new_tokens, generator, temperature, top_k, top_p):
+            if eos_token_id is not None and token == eos_token_id:
+                return
+            yield token
+        return
     engine = Engine(model, max_batch=1, max_len=prompt.shape[1] + max_new_tokens)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             ignore_eos=True)

@@ -1,4 +1,4 @@
-"""Convert checkpoints between HF DeepSeek V2/V3 folders and moeforge folders.
+"""Convert checkpoints between HF DeepSeek V2/V3/V4 folders and moeforge folders (V4: moeforge.interop.hf_v4).
 
 `convert_from_hf` streams the HF tensors (moeforge.interop.hf) into a CPU model held in
 the checkpoint's own dtype and saves it with `save_model` (atomic). `convert_to_hf`
@@ -83,6 +83,11 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     hf = cfg.to_hf_dict()
     name = str(dtype).removeprefix("torch.")
     hf["torch_dtype"] = hf["dtype"] = name
+    if cfg.v4 is not None:
+        from moeforge.interop.hf_v4 import check_hf_v4
+
+        check_hf_v4(cfg)
+        return hf
     if hf["model_type"] == "deepseek_v2":
         if m.topk_method == "noaux_tc":
             raise ValueError("softmax routing with topk_method 'noaux_tc' has no HF DeepseekV2 equivalent "
@@ -220,6 +225,12 @@ def convert_to_hf(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAU
             head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
             writer = _ShardWriter(tmp, max_shard_bytes)
             for key in sorted(keys, key=_source_order):
+                if cfg.v4 is not None:  # DeepSeek-V4 names (moeforge.interop.hf_v4)
+                    from moeforge.interop.hf_v4 import hf_v4_tensors
+
+                    for hf_key, t in hf_v4_tensors(key, f.get_tensor(key), cfg):
+                        writer.add(hf_key, t)
+                    continue
                 for hf_key, t in _hf_tensors(key, f.get_tensor(key), cfg, permute_rope):
                     writer.add(hf_key, t)
                 m = re.match(r"^mtp\.(\d+)\.norm\.weight$", key)

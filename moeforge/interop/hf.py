@@ -93,6 +93,9 @@ def hf_config(folder: str | Path) -> ModelConfig:
         m = _LAYER.match(key.removeprefix("model."))
         if m and int(m.group(1)) >= L:
             present.add(int(m.group(1)) - L)
+        m = re.match(r"^mtp\.(\d+)\.", key)
+        if m and cfg.v4 is not None:  # V4: our MTP modules (moeforge.interop.hf_v4)
+            present.add(int(m.group(1)))
     if present - set(range(declared)):
         extra = min(present - set(range(declared))) + L
         raise ValueError(f"checkpoint {folder}: holds layer model.layers.{extra} beyond num_hidden_layers={L} "
@@ -164,14 +167,37 @@ def to_hf_key(key: str, num_layers: int) -> str:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our state-dict keys and shapes for cfg, from a model built on the meta device (no memory)."""
-    from moeforge.model.transformer import Transformer
+    from moeforge.model import build_model
 
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def _iter_v4(folder: Path, files: dict[str, Path], cfg: ModelConfig, reader: _Reader,
+             expected: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+    from moeforge.interop.hf_v4 import iter_hf_v4_tensors
+
+    files = {k: v for k, v in files.items() if not k.endswith("_scale_inv")}
+    seen: set[str] = set()
+    try:
+        for ours, t in iter_hf_v4_tensors(files, cfg, reader):
+            if ours not in expected:
+                raise ValueError(f"checkpoint {folder}: tensor {ours!r} (our name) is unexpected for this config; "
+                                 f"is config.json right for these weights?")
+            if tuple(t.shape) != expected[ours]:
+                raise ValueError(f"checkpoint {folder}: tensor {ours!r} has shape {tuple(t.shape)}, "
+                                 f"the config expects {expected[ours]}")
+            seen.add(ours)
+            yield ours, t
+    finally:
+        reader.close()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"checkpoint {folder}: missing tensor(s) {', '.join(missing[:3])} (our names)")
 
 
 # ------------------------------------------------------------------ FP8
@@ -275,6 +301,9 @@ def iter_hf_tensors(folder: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch
     L, E = cfg.num_layers, cfg.moe.n_routed_experts
     reader = _Reader(files, (int(br), int(bc)))
     seen: set[str] = set()
+    if cfg.v4 is not None:
+        yield from _iter_v4(folder, files, cfg, reader, expected)
+        return
 
     def where(hf_key: str) -> str:
         return f"checkpoint {folder}: tensor {hf_key!r} in {files[hf_key].name}"

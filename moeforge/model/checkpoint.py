@@ -113,8 +113,10 @@ def load_tensors(model: Transformer, tensors: Iterable[tuple[str, torch.Tensor]]
 
 
 def build_empty(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> Transformer:
+    from moeforge.model import build_model
+
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
         model.lm_head.weight = model.embed_tokens.weight

@@ -13,6 +13,13 @@ DeepSeekMoE (V2 report section 2.2, V3 report section 2.1.2):
   per-expert counts: the seam an expert-parallel wrapper replaces.
 * Shared experts: one SwiGLU MLP of width n_shared * moe_intermediate_size.
 
+DeepSeek-V4 additions (HF `deepseek_v4`), all off by default so V2/V3 numerics are
+unchanged: the `sqrtsoftplus` score sqrt(softplus(logit)); hash routing (`HashRouter`:
+a frozen token-id -> experts table, a persistent buffer saved with the checkpoint,
+chooses the experts; the learned gate only weights them); and `swiglu_limit`, which
+clamps the gate pre-activation from above and the up pre-activation to [-limit, limit]
+in the routed and shared experts (HF clamps both; the report names the routed ones).
+
 The block also returns what training needs: tokens per expert (for the
 auxiliary-loss-free bias update) and the sequence-wise balance loss
 sum_i f_i P_i (V3 report eq. 17-20, unweighted; the trainer multiplies by alpha).
@@ -55,7 +62,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        scores = _score(logits, cfg.scoring_func)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
             grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
@@ -75,13 +82,67 @@ class Router(nn.Module):
         return Routing(indices, weights * cfg.routed_scaling_factor, scores)
 
 
+def _score(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    if scoring_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    return logits.softmax(-1)
+
+
+class HashRouter(nn.Module):
+    """DeepSeek-V4 hash routing: experts = tid2eid[token id] (frozen), weights from the learned gate."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim, dtype=torch.float32))
+        self.register_buffer("tid2eid", torch.zeros(vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+        self.e_score_correction_bias = None  # nothing for the balance update to move
+
+    @torch.no_grad()
+    def init_table(self, seed: int = 0) -> None:
+        """K distinct experts per token id, drawn uniformly with a fixed seed (a fresh model's table)."""
+        g = torch.Generator().manual_seed(seed)
+        V, E, K = self.tid2eid.shape[0], self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        self.tid2eid.copy_(torch.rand(V, E, generator=g).argsort(-1)[:, :K].to(self.tid2eid.device))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        scores = _score(F.linear(x.float(), self.weight.float()), cfg.scoring_func)  # (N, E)
+        indices = self.tid2eid[ids.reshape(-1)]
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return Routing(indices, weights * cfg.routed_scaling_factor, scores)
+
+
+def clamp_gate_up(gu: torch.Tensor, limit: float) -> torch.Tensor:
+    """[gate | up] with gate <= limit and -limit <= up <= limit (DeepSeek-V4 swiglu_limit)."""
+    g, u = gu.chunk(2, dim=-1)
+    return torch.cat([g.clamp(max=limit), u.clamp(-limit, limit)], dim=-1)
+
+
+class ClampedMLP(MLP):
+    """SwiGLU MLP with the V4 pre-activation clamp (HF applies it to the shared expert too)."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__(dim, inter)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x).clamp(max=self.limit)
+        u = self.up_proj(x).clamp(-self.limit, self.limit)
+        return self.down_proj(F.silu(g) * u)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts in fused tensors, HF layout: gate_up_proj (E, 2I, D), down_proj (E, D, I)."""
 
-    def __init__(self, dim: int, cfg: MoEConfig, impl: str = "auto"):
+    def __init__(self, dim: int, cfg: MoEConfig, impl: str = "auto", limit: float = 0.0):
         super().__init__()
         E, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.impl = impl
+        self.impl, self.limit = impl, limit
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, dim))
         self.down_proj = nn.Parameter(torch.empty(E, dim, inter))
 
@@ -89,6 +150,8 @@ class GroupedExperts(nn.Module):
         """x: (M, D) rows sorted by expert, counts: (E,) rows per expert, weights: (M,) gate
         weight per row or None -> (M, D) expert outputs, each scaled by its row's weight."""
         gu = grouped_linear(x, self.gate_up_proj, counts, self.impl)
+        if self.limit:
+            gu = clamp_gate_up(gu, self.limit)
         return grouped_linear(swiglu(gu, weights), self.down_proj, counts, self.impl)
 
 
@@ -99,19 +162,30 @@ class MoEStats:
 
 
 class MoE(nn.Module):
-    def __init__(self, dim: int, cfg: MoEConfig, impl: str = "auto"):
+    """hash_vocab: route by a frozen token-id table of that vocabulary (V4 hash layers); swiglu_limit: V4 clamp."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, impl: str = "auto", hash_vocab: int | None = None,
+                 swiglu_limit: float = 0.0):
         super().__init__()
         self.cfg = cfg
-        self.gate = Router(dim, cfg)
-        self.experts = GroupedExperts(dim, cfg, impl)
+        self.gate: nn.Module = HashRouter(dim, cfg, hash_vocab) if hash_vocab else Router(dim, cfg)
+        self.experts = GroupedExperts(dim, cfg, impl, swiglu_limit)
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = (
-            MLP(dim, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
+            (ClampedMLP(dim, inter, swiglu_limit) if swiglu_limit else MLP(dim, inter))
+            if cfg.n_shared_experts > 0 else None
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x (B, T, D); ids (B, T) token ids, needed by hash-routed layers only."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        r = self.gate(flat)
+        if isinstance(self.gate, HashRouter):
+            if ids is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids")
+            r = self.gate(flat, ids)
+        else:
+            r = self.gate(flat)
         out, counts = self._routed(flat, r)
         out = out.view(B, T, D)
         if self.shared_experts is not None:

@@ -31,6 +31,7 @@ from rich.console import Console
 from moeforge.accounting import flops_per_token_train
 from moeforge.config import ModelConfig
 from moeforge.device import default_device, default_dtype, matmul_tflops, peak_flops
+from moeforge.model import build_model
 from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.ops.cross_entropy import linear_cross_entropy
 from moeforge.train.balance import load_stats, moe_modules, update_bias
@@ -110,7 +111,7 @@ class Trainer:
         from moeforge.data import BatchSampler
 
         torch.manual_seed(self.tcfg.seed)
-        self.model = Transformer(self.mcfg).to(self.device)
+        self.model = build_model(self.mcfg).to(self.device)
         self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
         self.optimizers = build_optimizers(self.model, self.tcfg)
         self.moes = moe_modules(self.model)

@@ -1,0 +1,160 @@
+"""The DeepSeek-V4 decoder (V4 report section 2; numerics of HF `DeepseekV4ForCausalLM`).
+
+Embedding -> hc_mult copies of the stream -> L blocks -> HyperHead collapse -> RMSNorm
+-> head. Each block wraps attention and MoE in manifold-constrained hyper-connections
+(moeforge.model.hyper):
+
+    x, post, comb = attn_hc(H);  H = post (x) Attn(input_layernorm(x)) + comb^T H
+    x, post, comb = ffn_hc(H);   H = post (x) MoE(post_attention_layernorm(x)) + comb^T H
+
+Attention is sliding / CSA / HCA per `v4.layer_types` (moeforge.model.v4_attention);
+every FFN is MoE, hash-routed on `v4.mlp_layer_types == "hash_moe"` layers (experts
+from a frozen token-id table) and top-k routed elsewhere, with sqrtsoftplus scores and
+the swiglu_limit clamp. Parameter names are HF's in-memory names without `model.`.
+
+MTP: HF's modeling code does not build DeepSeek's MTP layer, so its layout is ours:
+module k combines h^{k-1} with the embedding of token i+k as in V3
+(eh_proj([enorm(emb); hnorm(h)])), widens it to hc_mult streams, runs one
+sliding-window V4 block with top-k MoE, and collapses with its own HyperHead; its `norm`
+is applied before the shared head. The interface is the V3 Transformer's
+(`forward(...) -> ModelOutput`, `layers[i].mlp`, `mtp[k].block.mlp`, `lm_head`,
+`embed_tokens`), so the trainer, checkpoints and CLI use either through
+`moeforge.model.build_model`. `absorbed` is accepted and ignored (V4 has no latent).
+
+Shapes: B batch, T tokens, n hc_mult, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeforge.config import ModelConfig
+from moeforge.model.hyper import HyperConnection, HyperHead
+from moeforge.model.layers import RMSNorm
+from moeforge.model.moe import MoE, MoEStats
+from moeforge.model.transformer import ModelOutput
+from moeforge.model.v4_attention import V4Attention, V4LayerCache
+
+
+class V4Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, hash_routed: bool, impl: str = "auto"):
+        super().__init__()
+        v, D = cfg.v4, cfg.hidden_size
+        self.self_attn = V4Attention(cfg, layer_type)
+        self.mlp = MoE(D, cfg.moe, impl, hash_vocab=cfg.vocab_size if hash_routed else None,
+                       swiglu_limit=v.swiglu_limit)
+        self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(D, v.hc_mult, v.hc_sinkhorn_iters, v.hc_eps, cfg.rms_norm_eps)
+        self.ffn_hc = HyperConnection(D, v.hc_mult, v.hc_sinkhorn_iters, v.hc_eps, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ids: torch.Tensor, cache: V4LayerCache | None = None
+                ) -> tuple[torch.Tensor, V4LayerCache, MoEStats]:
+        """h (B, T, n, D) streams -> new streams, this layer's grown cache, MoE statistics."""
+        x, post, comb = self.attn_hc(h)
+        a, cache = self.self_attn(self.input_layernorm(x), cache)
+        h = HyperConnection.merge(h, a, post, comb)
+        x, post, comb = self.ffn_hc(h)
+        f, stats = self.mlp(self.post_attention_layernorm(x), ids)
+        return HyperConnection.merge(h, f, post, comb), cache, stats
+
+
+class V4MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig, impl: str = "auto"):
+        super().__init__()
+        D, v = cfg.hidden_size, cfg.v4
+        self.n = v.hc_mult
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = V4Block(cfg, "sliding_attention", hash_routed=False, impl=impl)
+        self.hc_head = HyperHead(D, v.hc_mult, v.hc_eps, cfg.rms_norm_eps)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, emb: torch.Tensor, h_prev: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        h, _, stats = self.block(h.unsqueeze(2).expand(-1, -1, self.n, -1).contiguous(), ids)
+        return self.hc_head(h), stats
+
+
+class V4Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, impl: str = "auto"):
+        super().__init__()
+        cfg.validate()
+        if cfg.v4 is None:
+            raise ValueError("V4Transformer needs a config with a v4 section (e.g. preset tiny-v4)")
+        self.cfg = cfg
+        v, D = cfg.v4, cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
+        self.layers = nn.ModuleList(
+            V4Block(cfg, t, m == "hash_moe", impl) for t, m in zip(v.layer_types, v.mlp_layer_types, strict=True))
+        self.hc_head = HyperHead(D, v.hc_mult, v.hc_eps, cfg.rms_norm_eps)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(V4MTPModule(cfg, impl) for _ in range(cfg.mtp.num_layers))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) matrices, unit norms and mHC scales, zero biases / sinks / position biases,
+        a seeded random hash table."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("sinks", "position_bias", "base", "hc_base"):
+                p.zero_()
+            elif leaf in ("scale", "hc_scale") or p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for i, m in enumerate(self.modules()):
+            if hasattr(m, "init_table") and not m.tid2eid.is_meta:
+                m.init_table(seed=i)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias") and not b.is_meta:
+                b.zero_()
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        start_pos: int = 0,
+        cache: list[V4LayerCache] | None = None,
+        absorbed: bool = False,
+        mtp: bool = True,
+        return_cache: bool = False,
+        logits: bool = True,
+    ) -> ModelOutput:
+        """Same contract as moeforge.model.transformer.Transformer.forward; `cache` is a list of V4LayerCache."""
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
+        if cache is not None and cache[0].length != start_pos:
+            raise ValueError(f"start_pos={start_pos} does not continue the cache, which holds {cache[0].length} tokens")
+        B, T = ids.shape
+        n = self.cfg.v4.hc_mult
+        emb = self.embed_tokens(ids)
+        h = emb.unsqueeze(2).expand(-1, -1, n, -1).contiguous()
+        new_cache: list[V4LayerCache] = []
+        stats: list[MoEStats] = []
+        for i, layer in enumerate(self.layers):
+            h, c, s = layer(h, ids, None if cache is None else cache[i])
+            new_cache.append(c)
+            stats.append(s)
+        h = self.norm(self.hc_head(h))
+        out = ModelOutput(logits=self.lm_head(h) if logits else None, hidden=h, moe_stats=stats,
+                          cache=new_cache if return_cache else None)
+        if mtp and cache is None:
+            h_prev = h
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, : T - k], ids[:, k:])
+                out.mtp_hidden.append(module.norm(h_prev))
+                if logits:
+                    out.mtp_logits.append(self.lm_head(out.mtp_hidden[-1]))
+                stats.append(s)
+        return out
