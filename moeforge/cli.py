@@ -52,9 +52,13 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from moeforge.interop.convert import convert_from_hf, convert_to_hf
 
-    if bool(args.from_hf) == bool(args.to_hf):
-        raise ValueError("give exactly one of --from-hf DIR or --to-hf DIR")
-    if args.from_hf:
+    if sum(bool(x) for x in (args.from_hf, args.to_hf, args.consolidate)) != 1:
+        raise ValueError("give exactly one of --from-hf DIR, --to-hf DIR or --consolidate DIR")
+    if args.consolidate:
+        from moeforge.distributed.checkpoint import consolidate
+
+        out = consolidate(args.consolidate, args.out)
+    elif args.from_hf:
         out = convert_from_hf(args.from_hf, args.out)
     else:
         out = convert_to_hf(args.to_hf, args.out)
@@ -111,8 +115,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     if overrides:
         model_cfg = model_cfg.replace(**overrides)
     train_cfg = _dataclass_from_args(TrainConfig, args).validate()
+    if args.nproc:
+        return _launch_torchrun(args.nproc)
     trainer = Trainer(model_cfg, train_cfg, data_cfg, args.out, resume=args.resume)
     summary = trainer.run()
+    if trainer.parallel is not None:  # the samples below use a plain one-process model on rank 0
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if not trainer.is_main:
+            return None
+        from moeforge.distributed.checkpoint import consolidate
+        from moeforge.model.checkpoint import load_model
+
+        final = consolidate(summary["checkpoint"], Path(args.out) / "final")
+        trainer.console.print(f"consolidated the sharded checkpoint into {final}")
+        summary["checkpoint"] = str(final)
+        trainer.model = load_model(final, device=trainer.device)
     plots = plot_run(args.out)
     c = trainer.console
     c.print(f"[bold]done[/bold]: {summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['seconds']} s")
@@ -135,6 +154,30 @@ def cmd_train(args: argparse.Namespace) -> None:
                                 eos_token_id=trainer.mcfg.eos_token_id))
             c.rule(f"sample: {prompt!r}")
             c.print(tok.decode(ids[0].tolist() + new), markup=False, highlight=False)
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with nproc processes (minus --nproc)."""
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1 (got {nproc})")
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "moeforge", *argv]
+    rc = subprocess.call(cmd)
+    if rc:
+        raise ValueError(f"the {nproc}-process run failed (exit code {rc}); see the messages above")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -210,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert checkpoints between HF and moeforge formats")
     conv.add_argument("--from-hf", metavar="DIR", help="HF DeepseekV3/V2 checkpoint folder to read")
     conv.add_argument("--to-hf", metavar="DIR", help="moeforge checkpoint folder to write as HF")
+    conv.add_argument("--consolidate", metavar="DIR",
+                      help="sharded checkpoint of a multi-process run to write as one moeforge checkpoint")
     conv.add_argument("--out", required=True, metavar="DIR", help="output folder")
     conv.set_defaults(func=cmd_convert)
 
@@ -226,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/tiny", help="run folder (default runs/tiny)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     train.add_argument("--sample-prompt", action="append", help="prompt for the samples printed at the end")
+    train.add_argument("--nproc", type=int, help="launch this run under torchrun with N processes (use with --ep)")
     _add_dataclass_flags(train, TrainConfig)
     _add_dataclass_flags(train, DataConfig, skip=("paths",))
     train.set_defaults(func=cmd_train)
@@ -262,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write loss.png and expert_load.png for a run folder")
     plot.add_argument("run_dir")
     plot.set_defaults(func=cmd_plot)
+
+    from moeforge.plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 

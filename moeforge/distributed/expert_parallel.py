@@ -45,6 +45,7 @@ class ExpertParallelExperts(GroupedExperts):
         if E % self.ep:
             raise ValueError(f"n_routed_experts={E} is not divisible by ep={self.ep}; choose an ep that divides it")
         self.num_experts, self.local = E, E // self.ep
+        self.sent_bytes = 0  # forward all-to-all payload sent to other ranks (dispatch + combine), for benchmarks
         self.first = lo = self.rank * self.local
         for key, value in vars(full).items():  # plain settings (impl, limit, ...): everything but modules/params
             if not key.startswith("_") and key != "training":
@@ -59,6 +60,8 @@ class ExpertParallelExperts(GroupedExperts):
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)  # (source rank, local expert)
         send = send_counts.sum(1).tolist()
         recv = recv_counts.sum(1).tolist()
+        row_bytes = x.shape[1] * x.element_size()
+        self.sent_bytes += row_bytes * ((sum(send) - send[self.rank]) + (sum(recv) - recv[self.rank]))
         x_recv = _a2a(x, recv, send, self.group)
         w_recv = None if weights is None else _a2a(weights, recv, send, self.group)
 

@@ -20,6 +20,7 @@ all shards (FSDP DTensors and the EP slices, each counted once).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,8 @@ class Parallel:
         if self.dims.ep > 1:
             self.expert_modules = apply_expert_parallel(model, self.ep_group)
         ignored = {p for m in self.expert_modules for p in m.parameters()}
+        # blocks return a detached view (the MoE token counts); nothing modifies it in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in list(model.layers) + [m.block for m in model.mtp]:
             fully_shard(block, mesh=self.world_mesh, ignored_params=ignored or None)
         fully_shard(model, mesh=self.world_mesh, ignored_params=ignored or None)

@@ -19,18 +19,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 
 from moeforge.accounting import flops_per_token_train
 from moeforge.config import ModelConfig
 from moeforge.device import default_device, default_dtype, matmul_tflops, peak_flops
+from moeforge.distributed.dims import launched_by_torchrun
 from moeforge.model import build_model
 from moeforge.model.transformer import ModelOutput, Transformer
 from moeforge.ops.cross_entropy import linear_cross_entropy
@@ -38,7 +41,7 @@ from moeforge.train.balance import load_stats, moe_modules, update_bias
 from moeforge.train.config import TrainConfig
 from moeforge.train.optim import build_optimizers, lr_multiplier, set_lr
 from moeforge.train.plots import METRICS
-from moeforge.train.state import checkpoints, resume_latest, save_checkpoint
+from moeforge.train.state import CKPT_DIR, checkpoints, resume_latest, save_checkpoint
 
 RUN_CONFIG = "run_config.json"
 
@@ -90,13 +93,29 @@ class Trainer:
         self.device = torch.device(self.tcfg.device) if self.tcfg.device else default_device()
         self.dtype = default_dtype(self.device) if self.tcfg.dtype == "auto" else getattr(torch, self.tcfg.dtype)
 
+        self.parallel = None
+        if launched_by_torchrun() or self.tcfg.ep > 1:
+            if not launched_by_torchrun():
+                raise ValueError(f"--ep {self.tcfg.ep} needs several processes: launch with torchrun or --nproc N")
+            from moeforge.distributed.dims import ParallelDims, init
+            from moeforge.distributed.parallelize import Parallel
+
+            dims, _, _ = init(self.device, self.tcfg.ep)
+            self.parallel = Parallel(ParallelDims(dims.world, self.tcfg.ep), self.device)
+            if not self.parallel.is_main:
+                self.console = Console(quiet=True)
+        self.is_main = self.parallel is None or self.parallel.is_main
         if self.out.exists() and checkpoints(self.out) and not resume:
             raise ValueError(f"run folder {self.out} already has checkpoints; pass --resume to continue it "
                              "or choose another --out")
         if self.tcfg.seq_len > model_cfg.max_position_embeddings:
             raise ValueError(f"seq_len {self.tcfg.seq_len} is above the model's maximum of "
                              f"{model_cfg.max_position_embeddings} positions; lower --seq-len")
-        self.data = prepare_data(data_cfg)
+        if self.parallel is not None and not self.is_main:
+            dist.barrier()  # rank 0 builds the token cache first; the others then read it
+        self.data = prepare_data(data_cfg, progress=self.is_main)
+        if self.parallel is not None and self.is_main:
+            dist.barrier()
         vocab = self.data.tokenizer.get_vocab_size()
         if model_cfg.vocab_size < vocab:
             raise ValueError(f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -111,22 +130,36 @@ class Trainer:
         from moeforge.data import BatchSampler
 
         torch.manual_seed(self.tcfg.seed)
-        self.model = build_model(self.mcfg).to(self.device)
+        self.model = build_model(self.mcfg).to(self.device)  # same seed: identical on every rank
+        self.moes = moe_modules(self.model)
+        if self.parallel is not None:
+            self.parallel.apply(self.model)
         self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
         self.optimizers = build_optimizers(self.model, self.tcfg)
-        self.moes = moe_modules(self.model)
-        self.sampler = BatchSampler(self.data.train, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed)
+        # every rank draws the same global batch and trains on its slice: a W-process run sees exactly
+        # the batches of a one-process run with W times the batch size
+        self.world = 1 if self.parallel is None else self.parallel.dims.world
+        self.sampler = BatchSampler(self.data.train, self.tcfg.batch_size * self.world, self.tcfg.seq_len,
+                                    self.tcfg.seed)
         self.step = 0
         self.total_steps = self.tcfg.steps
         self.tokens_seen = 0
         self.bad_steps = 0
         self.resumed_from: str | None = None
-        if resume:
+        if resume and self.parallel is not None:
+            from moeforge.distributed.checkpoint import is_sharded, load_sharded
+
+            found = [p for p in checkpoints(self.out) if is_sharded(p)]
+            if found:
+                state = load_sharded(found[0], self.model, self.optimizers, self.parallel)
+                self._restore({**state, "checkpoint": str(found[0])})
+        elif resume:
             state = resume_latest(self.out, self.model, self.optimizers)
             if state is not None:
                 self._restore(state)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._write_run_config()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_run_config()
 
         self.flops_per_token = flops_per_token_train(self.mcfg, self.tcfg.seq_len, with_mtp=True)
         peak = peak_flops(self.device, self.dtype)
@@ -144,7 +177,9 @@ class Trainer:
                 "torch_rng": torch.get_rng_state().tolist()}
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.step, self.total_steps = state["step"], state["total_steps"]
+        self.step = state["step"]
+        # a time-budget run keeps the step count it fitted; otherwise --steps may extend a finished run
+        self.total_steps = state["total_steps"] if self.tcfg.time_budget else self.tcfg.steps
         self.tokens_seen, self.bad_steps = state["tokens_seen"], state.get("bad_steps", 0)
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -158,8 +193,25 @@ class Trainer:
         (self.out / RUN_CONFIG).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
 
     def save(self) -> Path:
-        return save_checkpoint(self.out, self.step, self.model, self.optimizers, self._state(),
-                               self.data.tokenizer_path, self.tcfg.keep_last)
+        if self.parallel is None:
+            return save_checkpoint(self.out, self.step, self.model, self.optimizers, self._state(),
+                                   self.data.tokenizer_path, self.tcfg.keep_last)
+        # multi-process: every rank writes its shards (DCP); `moeforge convert --consolidate` makes one file
+        from moeforge.distributed.checkpoint import save_sharded
+
+        path = save_sharded(self.out / CKPT_DIR / f"step_{self.step:07d}", self.model, self.optimizers,
+                            self.parallel, self._state(), self.data.tokenizer_path)
+        if self.is_main:
+            for old in checkpoints(self.out)[self.tcfg.keep_last :]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return path
+
+    @staticmethod
+    def _log(metrics, row: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
 
     # ------------------------------------------------------------ steps
     def _autocast(self):
@@ -175,11 +227,19 @@ class Trainer:
         counts = torch.zeros(len(self.moes), self.mcfg.moe.n_routed_experts, device=self.device)
         sums: dict[str, float] = {}
         finite = True
+        par = self.parallel
         for _ in range(cfg.grad_accum):
-            window = self.sampler.next().to(self.device)
+            window = self.sampler.next()
+            if par is not None:
+                window = window.chunk(self.world)[par.rank]
+            window = window.to(self.device)
             with self._autocast():
-                out = self.forward(window[:, :-1], logits=False)
-                losses = compute_losses(out, window, cfg, self.model.lm_head.weight)
+                if par is None:  # the head runs fused with the loss
+                    out = self.forward(window[:, :-1], logits=False)
+                    losses = compute_losses(out, window, cfg, self.model.lm_head.weight)
+                else:  # FSDP gathers the head weight inside forward only: take the logits
+                    out = self.forward(window[:, :-1])
+                    losses = compute_losses(out, window, cfg)
             if not torch.isfinite(losses["loss"]):
                 finite = False
                 break
@@ -189,7 +249,17 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if par is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        else:
+            flag = torch.tensor([1.0 if finite else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # skip on every rank or on none
+            finite = bool(flag.item())
+            if finite:
+                par.sync_expert_grads()
+                grad_norm = par.clip_grad_norm(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -200,13 +270,16 @@ class Trainer:
                 raise TrainingAborted(f"{self.bad_steps} non-finite steps in a row; training aborted, the last good "
                                       f"checkpoint in {self.out / 'checkpoints'} is untouched (lower --lr?)")
             return None
+        if par is not None:  # token counts and logged losses over all ranks: every rank's bias stays identical
+            counts = par.sum_all(counts)
+            sums = {k: par.mean_all(v) for k, v in sums.items()}
         self.bad_steps = 0
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         update_bias(self.moes, counts, cfg.bias_update_speed)
         self.step += 1
-        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.world
         return {**sums, "lr": lr, "grad_norm": float(grad_norm), "counts": counts}
 
     @torch.no_grad()
@@ -232,7 +305,7 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         cfg = self.tcfg
-        metrics = (self.out / METRICS).open("a")
+        metrics = (self.out / METRICS).open("a") if self.is_main else None  # rank 0 alone writes logs
         budget_s = cfg.time_budget * 60 if cfg.time_budget else None
         start_step, t_start = self.step, time.perf_counter()
         interval_counts = torch.zeros(len(self.moes), self.mcfg.moe.n_routed_experts)
@@ -275,8 +348,7 @@ class Trainer:
                                "tokens_seen": self.tokens_seen}
                         if self.moes:
                             row.update(load_stats(self.moes, counts))
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
+                        self._log(metrics, row)
                     if self.has_val and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                         last_val = self.evaluate()
                         row = {"kind": "eval", "step": self.step, "val_loss": round(last_val, 5),
@@ -285,8 +357,7 @@ class Trainer:
                                "load_from_step": interval_from}
                         if self.moes:
                             row["load_max_over_mean"] = load_stats(self.moes, interval_counts)["load_max_over_mean"]
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
+                        self._log(metrics, row)
                         interval_counts.zero_()
                         interval_from = self.step + 1
                         progress.console.print(
@@ -296,7 +367,8 @@ class Trainer:
                     if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                         self.save()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         ckpt = self.save()
         return {"steps": self.step, "val_loss": last_val, "unigram_entropy": entropy, "checkpoint": str(ckpt),
                 "tokens_seen": self.tokens_seen, "seconds": round(time.perf_counter() - t_start, 1)}

@@ -1,0 +1,158 @@
+"""One training step with EP=2 on 2 gloo processes equals the one-process step on the same global batch."""
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from moeforge.config import get_preset
+from moeforge.data import DataConfig
+from moeforge.train.config import TrainConfig
+
+from test_expert_parallel import close, free_port
+
+pytestmark = pytest.mark.distributed
+
+
+def small_cfg():
+    return get_preset("tiny").replace(vocab_size=512, hidden_size=48, intermediate_size=64, num_layers=3, **{
+        "moe.moe_intermediate_size": 16, "moe.n_routed_experts": 8, "moe.n_group": 4, "moe.topk_group": 2,
+        "moe.num_experts_per_tok": 2, "attention.q_lora_rank": 24, "attention.kv_lora_rank": 16,
+        "attention.qk_nope_head_dim": 8, "attention.qk_rope_head_dim": 4, "attention.v_head_dim": 8})
+
+
+def make_trainer(corpus: Path, out: Path, batch: int, ep: int):
+    from moeforge.train.trainer import Trainer
+
+    tcfg = TrainConfig(steps=3, batch_size=batch, seq_len=32, dtype="float32", ep=ep, samples=0, eval_every=100,
+                       ckpt_every=100, threads=1, bias_update_speed=0.01)
+    dcfg = DataConfig(paths=[str(corpus)], vocab_size=512, cache_dir=str(out.parent / "cache"), val_fraction=0.2)
+    return Trainer(small_cfg(), tcfg, dcfg, out)
+
+
+def record_grads(trainer, store: dict) -> None:
+    """Wrap the optimizers' step to keep full-size gradients of the first step."""
+    par = trainer.parallel
+    experts = {f"{n}.{w}" for n, m in trainer.model.named_modules() if type(m).__name__ == "ExpertParallelExperts"
+               for w in ("gate_up_proj", "down_proj")}
+
+    def grab() -> None:
+        if store:
+            return
+        for name, p in trainer.model.named_parameters():
+            g = p.grad
+            if isinstance(g, DTensor):
+                g = g.full_tensor()
+            elif name in experts:
+                parts = [torch.empty_like(g) for _ in range(par.dims.ep)]
+                dist.all_gather(parts, g.contiguous(), group=par.ep_group)
+                g = torch.cat(parts)
+            store[name] = g.detach().clone()
+
+    opt = trainer.optimizers[0]
+    step = opt.step
+    opt.step = lambda *a, **k: (grab(), step(*a, **k))[1]
+
+
+def _worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    trainer = make_trainer(Path(corpus), Path(out) / "ep", batch=2, ep=2)
+    grads: dict = {}
+    record_grads(trainer, grads)
+    result = trainer.train_step()
+    biases = [m.gate.e_score_correction_bias.clone() for m in trainer.moes]
+    weights = trainer.parallel.full_state_dict(trainer.model)
+    torch.save({"result": {k: v for k, v in result.items() if k != "counts"}, "counts": result["counts"],
+                "grads": grads, "biases": biases, "weights": weights}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_one_step_with_ep2_equals_one_process(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "textwrap.py", "dataclasses.py", "csv.py", "difflib.py"):
+        (corpus / name).write_text((stdlib / name).read_text())
+    mp.spawn(_worker, args=(2, free_port(), str(corpus), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+
+    ref = make_trainer(corpus, tmp_path / "single", batch=4, ep=1)
+    grads: dict = {}
+    record_grads_single = ref.optimizers[0].step
+
+    def grab(*a, **k):
+        if not grads:
+            grads.update({n: p.grad.detach().clone() for n, p in ref.model.named_parameters()})
+        return record_grads_single(*a, **k)
+
+    ref.optimizers[0].step = grab
+    result = ref.train_step()
+
+    for key in ("loss", "main_loss", "mtp_loss", "balance_loss"):
+        assert abs(ranks[0]["result"][key] - result[key]) <= 1e-5 * abs(result[key]), key
+    assert torch.equal(ranks[0]["counts"], result["counts"])
+    assert set(ranks[0]["grads"]) == set(grads)
+    for name, g in grads.items():
+        close(ranks[0]["grads"][name], g, name)
+        close(ranks[1]["grads"][name], g, name)
+    for b0, b1, b in zip(ranks[0]["biases"], ranks[1]["biases"], [m.gate.e_score_correction_bias for m in ref.moes],
+                         strict=True):
+        assert torch.equal(b0, b1) and torch.equal(b0, b)  # identical on both ranks, and as in one process
+    for name, w in ref.model.state_dict().items():
+        close(ranks[0]["weights"][name], w, name)
+
+
+def _run_worker(rank: int, world: int, port: int, corpus: str, out: str, steps: int, resume: bool) -> None:
+    from moeforge.train.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    tcfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, dtype="float32", ep=2, samples=0, eval_every=100,
+                       ckpt_every=2, threads=1, warmup_steps=1)
+    dcfg = DataConfig(paths=[corpus], vocab_size=512, cache_dir=str(Path(out).parent / "cache"), val_fraction=0.2)
+    trainer = Trainer(small_cfg(), tcfg, dcfg, out, resume=resume)
+    trainer.run()
+    ids = torch.arange(40).view(2, 20) % 500
+    with torch.no_grad():
+        logits = trainer.model(ids).logits
+    weights = trainer.parallel.full_state_dict(trainer.model)  # a collective: every rank takes part
+    if rank == 0:
+        torch.save({"logits": logits, "weights": weights}, f"{out}/final.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_checkpoint_resume_and_consolidate(tmp_path):
+    import json
+
+    import moeforge
+    from moeforge.distributed.checkpoint import consolidate, is_sharded
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "textwrap.py", "csv.py"):
+        (corpus / name).write_text((stdlib / name).read_text())
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "a"), 4, False), nprocs=2)
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 2, False), nprocs=2)
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 4, True), nprocs=2)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # resumed from the sharded step-2 checkpoint
+    ckpt = tmp_path / "b" / "checkpoints" / "step_0000004"
+    assert is_sharded(ckpt)
+    single = consolidate(ckpt, tmp_path / "one")
+    model = moeforge.load_model(single, device="cpu")
+    final = torch.load(tmp_path / "b" / "final.pt", weights_only=True)
+    for name, w in model.state_dict().items():
+        assert torch.equal(w, final["weights"][name]), name  # the same numbers, bit for bit
+    with torch.no_grad():
+        close(model(torch.arange(40).view(2, 20) % 500).logits, final["logits"], "logits")
