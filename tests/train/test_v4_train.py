@@ -23,7 +23,7 @@ def corpus(tmp_path_factory):
     return root
 
 
-def test_tiny_v4_trains_and_generates(corpus, tmp_path):
+def test_tiny_v4_trains_and_generates(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny-v4", "--data", str(corpus), "--out", str(run), "--cache-dir",
             str(tmp_path / "cache"), "--vocab-size", "512", "--val-fraction", "0.2", "--batch-size", "4",
@@ -36,9 +36,8 @@ def test_tiny_v4_trains_and_generates(corpus, tmp_path):
     assert len(train) == 6 and train[-1]["loss"] < train[0]["loss"]
     assert any("mtp" in k for k in train[-1])  # the MTP loss is reported
     # the bias update ran on the top-k layers; hash-routed layer 0 has no bias (reported as 0)
-    bal = train[-1].get("balance") or {}
-    if "bias_max" in bal:
-        assert bal["bias_max"][0] == 0.0 and max(bal["bias_max"][1:]) > 0.0
+    hi, lo = train[-1]["bias_max"], train[-1]["bias_min"]
+    assert hi[0] == 0.0 and lo[0] == 0.0 and max(hi[1:]) > 0.0
     # generation over the V4 cache (the batched Engine behind `moeforge generate` manages MLA caches only)
     import torch
 
@@ -49,3 +48,11 @@ def test_tiny_v4_trains_and_generates(corpus, tmp_path):
     model = moeforge.load_model(ckpt, device="cpu")
     tokens = list(generate_v4(model, torch.tensor([[5, 6, 7]]), 8, None, 0.0, 0, 1.0))
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
+    # and through the CLI, greedy: the same text from the run folder twice
+    capsys.readouterr()
+    outs = []
+    for _ in range(2):
+        assert main(["generate", "--ckpt", str(run), "--prompt", "def ", "--max-new-tokens", "6",
+                     "--temperature", "0"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("def ")
