@@ -16,7 +16,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q $(TORCH) -e '.[test,serve]'
+	$(BIN)/pip install -q $(TORCH) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -238,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         from moeforge.serve.app import load_server
     except ImportError as e:
-        raise ValueError(f"serving needs fastapi and uvicorn ({e}); pip install 'moeforge[serve]'") from None
+        raise ValueError(f"serving needs fastapi and uvicorn ({e}); reinstall moeforge (pip install -e .)") from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,

@@ -33,6 +33,20 @@ from moeforge.distributed.dims import ParallelDims
 from moeforge.distributed.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 
 
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block (and MTP block) in the backward pass instead of storing its activations.
+
+    `checkpoint_wrapper` keeps parameter names unchanged in state dicts. Applied before FSDP
+    (order: EP -> activation checkpointing -> compile -> FSDP).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+    for m in model.mtp:
+        m.block = checkpoint_wrapper(m.block)
+
+
 class Parallel:
     """What the trainer needs to know about the process layout."""
 
@@ -50,10 +64,15 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply_ep(self, model: nn.Module) -> None:
+        """Step 1: expert parallel (before activation checkpointing and FSDP)."""
         self.dims.check_model(model.cfg.moe.n_routed_experts)
-        if self.dims.ep > 1:
+        if self.dims.ep > 1 and not self.expert_modules:
             self.expert_modules = apply_expert_parallel(model, self.ep_group)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """EP (if not applied yet), then FSDP2."""
+        self.apply_ep(model)
         ignored = {p for m in self.expert_modules for p in m.parameters()}
         # blocks return a detached view (the MoE token counts); nothing modifies it in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -36,6 +36,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     dtype: str = "auto"  # autocast dtype: auto = bf16 where the device has fast bf16 matmul, else fp32
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     mtp_weight: float = 0.3  # lambda: L = L_main + lambda/D * sum_k L_mtp_k
     balance_alpha: float = 1e-4  # alpha of the sequence-wise balance loss (summed over MoE layers)
     # gamma of the auxiliary-loss-free bias update; 0 turns it off. V3 used 1e-3 over ~15T tokens;

@@ -132,6 +132,12 @@ class Trainer:
         torch.manual_seed(self.tcfg.seed)
         self.model = build_model(self.mcfg).to(self.device)  # same seed: identical on every rank
         self.moes = moe_modules(self.model)
+        if self.parallel is not None and self.tcfg.ep > 1:
+            self.parallel.apply_ep(self.model)
+        if self.tcfg.activation_checkpointing:
+            from moeforge.distributed.parallelize import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model)
         if self.parallel is not None:
             self.parallel.apply(self.model)
         self.forward = torch.compile(self.model) if self.tcfg.compile else self.model

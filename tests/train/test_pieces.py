@@ -109,3 +109,21 @@ def test_sampling_filters():
     assert set(draws.flatten().tolist()) == {2, 3}
     with pytest.raises(ValueError):
         filter_logits(logits, top_p=0)
+
+
+def test_activation_checkpointing_gives_the_same_step(model):
+    from moeforge.distributed.parallelize import apply_activation_checkpointing
+
+    twin = type(model)(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    apply_activation_checkpointing(twin)
+    assert set(twin.state_dict()) == set(model.state_dict())  # checkpoint names unchanged
+    window = torch.randint(0, 128, (2, 17))
+    cfg = TrainConfig()
+    for m in (model, twin):
+        out = m(window[:, :-1], logits=False)
+        compute_losses(out, window, cfg, m.lm_head.weight)["loss"].backward()
+    grads = dict(model.named_parameters())
+    for name, p in twin.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
