@@ -123,6 +123,12 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, kv.k_rope.unsqueeze(2).expand(B, S, H, cfg.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,*,D)
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:
+            # PyTorch's fused (flash) attention wants equal key and value widths; otherwise it falls back
+            # to the math path that materialises (T, S) scores: 12 s vs 0.65 s at 16K tokens on the dev
+            # CPU. Zero-padding V to the key width and dropping the padding after is exact.
+            v = F.pad(v, (0, q.shape[-1] - dv))
         if kv.mask is not None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask.unsqueeze(1), scale=self.softmax_scale)
         elif T == S:
@@ -130,7 +136,7 @@ class MLA(nn.Module):
         else:
             mask = self._causal_mask(T, S, q.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return o.transpose(1, 2)  # (B,T,H,V)
+        return o[..., :dv].transpose(1, 2)  # (B,T,H,V)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
