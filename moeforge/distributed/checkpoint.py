@@ -41,20 +41,39 @@ def _as_global(t: torch.Tensor, par: Any) -> DTensor:
     return DTensor.from_local(t, par.mesh, [Replicate(), Shard(0)], run_check=False)
 
 
-def _model_state(model: nn.Module, par: Any) -> dict[str, Any]:
+class _Writeback(list):
+    """(live FSDP shard, full expert slice) pairs: after a load, each slice's dp_shard chunk goes back."""
+
+    def apply(self, par: Any) -> None:
+        for live, full in self:
+            live.to_local().copy_(full.chunk(par.dims.dp_shard)[par.dp_rank])
+
+
+def _expert_global(t: torch.Tensor, par: Any, writeback: _Writeback) -> DTensor:
+    """An expert tensor (this EP rank's slice, or with dp_shard > 1 its FSDP shard) as a DTensor of all E experts."""
+    if isinstance(t, DTensor):  # sharded over dp_shard: gather this EP rank's full slice first
+        full = t.full_tensor()
+        writeback.append((t, full))
+        t = full
+    return _as_global(t, par)
+
+
+def _model_state(model: nn.Module, par: Any, writeback: _Writeback) -> dict[str, Any]:
     experts = _expert_params(model)
     state = model.state_dict(keep_vars=True)
-    return {k: (_as_global(v.data, par) if id(v) in experts else v.data if isinstance(v, nn.Parameter) else v)
+    return {k: (_expert_global(v.data, par, writeback) if id(v) in experts
+                else v.data if isinstance(v, nn.Parameter) else v)
             for k, v in state.items()}
 
 
-def _optim_state(model: nn.Module, opt: torch.optim.Optimizer, par: Any) -> dict[str, Any]:
+def _optim_state(model: nn.Module, opt: torch.optim.Optimizer, par: Any, writeback: _Writeback) -> dict[str, Any]:
+    """The optimizer's state dict; its tensors are the live ones (DCP loads into them in place)."""
     experts = _expert_params(model)
     sd = opt.state_dict()
     params = [p for g in opt.param_groups for p in g["params"]]
     for idx, st in sd["state"].items():
         if id(params[idx]) in experts:
-            sd["state"][idx] = {k: (_as_global(v, par) if torch.is_tensor(v) and v.dim() > 0 else v)
+            sd["state"][idx] = {k: (_expert_global(v, par, writeback) if torch.is_tensor(v) and v.dim() > 0 else v)
                                 for k, v in st.items()}
     return sd
 
@@ -82,7 +101,8 @@ def save_sharded(path: Path, model: nn.Module, opts: list[torch.optim.Optimizer]
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save({"model": _model_state(model, par), "optim": [_optim_state(model, o, par) for o in opts]},
+    wb = _Writeback()
+    dcp.save({"model": _model_state(model, par, wb), "optim": [_optim_state(model, o, par, wb) for o in opts]},
              checkpoint_id=str(tmp))
     dist.barrier()
     if par.is_main:
@@ -106,15 +126,11 @@ def load_sharded(path: Path, model: nn.Module, opts: list[torch.optim.Optimizer]
     if not is_sharded(path):
         raise ValueError(f"{path} is not a complete sharded checkpoint (no {MARKER})")
     _init_optimizer_state(opts)
-    state = {"model": _model_state(model, par), "optim": [_optim_state(model, o, par) for o in opts]}
+    wb = _Writeback()
+    # every tensor handed to DCP is live model / optimizer state (or a view of it): loading is in place
+    state = {"model": _model_state(model, par, wb), "optim": [_optim_state(model, o, par, wb) for o in opts]}
     dcp.load(state, checkpoint_id=str(path))
-    for opt, sd in zip(opts, state["optim"], strict=True):
-        params = [p for g in opt.param_groups for p in g["params"]]
-        experts = _expert_params(model)
-        for idx, st in sd["state"].items():  # expert slices: back to plain local tensors
-            if id(params[idx]) in experts:
-                sd["state"][idx] = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
-        opt.load_state_dict(sd)
+    wb.apply(par)
     return read_json(path / STATE)
 
 

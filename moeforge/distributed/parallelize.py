@@ -2,18 +2,18 @@
 
 1. Expert parallel (`ep > 1`): each MoE block's routed experts become an
    `ExpertParallelExperts` holding E / ep experts of this rank's EP group.
-2. FSDP2 (`fully_shard`) over the whole world for every other parameter: each decoder
-   block (and each MTP block) is a unit, then the root (embedding, head, final norm).
-   Expert-parallel weights are left out of these units (`ignored_params`): with
-   `dp_shard > 1` they are replicated over the dp_shard group and their gradients are
-   averaged there (`sync_expert_grads`); with ep = 1 the experts are ordinary
+2. FSDP2 (`fully_shard`): with `dp_shard > 1` each EP rank's expert slice is its own
+   unit, sharded over the dp_shard group (the ranks holding the same slice); then every
+   decoder block (and MTP block) is a unit over the whole world, then the root
+   (embedding, head, final norm). With dp_shard = 1 the expert slices are left out
+   (`ignored_params`: nothing to shard them over); with ep = 1 the experts are ordinary
    parameters and FSDP shards them with their block.
 
 Gradient scale: every rank's loss is the mean over its own tokens, and FSDP averages
 over the world, so replicated parameters get the gradient of the global mean. A rank's
 experts, however, receive gradient from the tokens of all `ep` ranks of its EP group
 (the all-to-all backward), i.e. ep times the global-mean share: `sync_expert_grads`
-divides by ep after averaging over dp_shard. Then `clip_grad_norm` takes the norm over
+divides by ep (FSDP has averaged over dp_shard). Then `clip_grad_norm` takes the norm over
 all shards (FSDP DTensors and the EP slices, each counted once).
 """
 
@@ -58,6 +58,7 @@ class Parallel:
         self.world_mesh: DeviceMesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("world",))
         self.ep_group = self.mesh.get_group("ep")
         self.dp_group = self.mesh.get_group("dp_shard")
+        self.dp_rank = self.mesh.get_local_rank("dp_shard")
         self.expert_modules: list[ExpertParallelExperts] = []
 
     @property
@@ -73,7 +74,16 @@ class Parallel:
     def apply(self, model: nn.Module) -> nn.Module:
         """EP (if not applied yet), then FSDP2."""
         self.apply_ep(model)
-        ignored = {p for m in self.expert_modules for p in m.parameters()}
+        ignored: set[nn.Parameter] = set()
+        if self.expert_modules and self.dims.dp_shard > 1:
+            # the experts of this EP rank are sharded over the ranks that hold the same slice
+            for m in self.expert_modules:
+                if m.local % self.dims.dp_shard:
+                    raise ValueError(f"{m.local} experts per EP rank cannot be split over dp_shard="
+                                     f"{self.dims.dp_shard}; choose ep and world so that it divides")
+                fully_shard(m, mesh=self.mesh["dp_shard"])
+        elif self.expert_modules:  # dp_shard == 1: each expert slice lives on one rank only
+            ignored = {p for m in self.expert_modules for p in m.parameters()}
         # blocks return a detached view (the MoE token counts); nothing modifies it in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in list(model.layers) + [m.block for m in model.mtp]:
@@ -86,16 +96,13 @@ class Parallel:
     def sync_expert_grads(self) -> None:
         for m in self.expert_modules:
             for p in m.parameters():
-                if p.grad is None:
-                    continue
-                if self.dims.dp_shard > 1:
-                    dist.all_reduce(p.grad, group=self.dp_group)
-                    p.grad.div_(self.dims.dp_shard)
-                p.grad.div_(self.dims.ep)
+                if p.grad is not None:  # FSDP already averaged over dp_shard when the experts are sharded
+                    p.grad.div_(self.dims.ep)
 
     @torch.no_grad()
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        expert = {id(p) for m in self.expert_modules for p in m.parameters()}
+        # plain (unsharded) expert slices: distinct over the EP group, nowhere else
+        expert = {id(p) for m in self.expert_modules for p in m.parameters() if not isinstance(p, DTensor)}
         sq = torch.zeros((), dtype=torch.float64)
         for p in params:
             if p.grad is None:
@@ -105,8 +112,9 @@ class Parallel:
                 g = g.to_local()  # this rank's shard; shards are summed below
             part = g.double().pow(2).sum().cpu()
             sq += part
-        # FSDP shards partition the replicated parameters over the world; EP slices partition the
-        # experts over the EP group and repeat over dp_shard: count those once.
+        # FSDP shards (DTensors, the experts' too when dp_shard > 1) partition their parameters over
+        # the ranks that hold them, so summing local squares over the world counts each value once;
+        # plain EP slices are summed over the EP group only.
         shard_sq = torch.zeros((), dtype=torch.float64)
         for p in params:
             if p.grad is not None and id(p) in expert:
@@ -133,7 +141,7 @@ class Parallel:
         for name, t in model.state_dict().items():
             if isinstance(t, DTensor):
                 t = t.full_tensor()
-            elif name in expert_names:
+            if name in expert_names:
                 parts = [torch.empty_like(t) for _ in range(self.dims.ep)]
                 dist.all_gather(parts, t.contiguous(), group=self.ep_group)
                 t = torch.cat(parts)

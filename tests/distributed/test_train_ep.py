@@ -37,8 +37,10 @@ def make_trainer(corpus: Path, out: Path, batch: int, ep: int):
 
 def record_grads(trainer, store: dict) -> None:
     """Wrap the optimizers' step to keep full-size gradients of the first step."""
+    from moeforge.distributed.expert_parallel import ExpertParallelExperts
+
     par = trainer.parallel
-    experts = {f"{n}.{w}" for n, m in trainer.model.named_modules() if type(m).__name__ == "ExpertParallelExperts"
+    experts = {f"{n}.{w}" for n, m in trainer.model.named_modules() if isinstance(m, ExpertParallelExperts)
                for w in ("gate_up_proj", "down_proj")}
 
     def grab() -> None:
@@ -48,7 +50,7 @@ def record_grads(trainer, store: dict) -> None:
             g = p.grad
             if isinstance(g, DTensor):
                 g = g.full_tensor()
-            elif name in experts:
+            if name in experts:
                 parts = [torch.empty_like(g) for _ in range(par.dims.ep)]
                 dist.all_gather(parts, g.contiguous(), group=par.ep_group)
                 g = torch.cat(parts)
@@ -59,10 +61,10 @@ def record_grads(trainer, store: dict) -> None:
     opt.step = lambda *a, **k: (grab(), step(*a, **k))[1]
 
 
-def _worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, corpus: str, out: str, ep: int = 2) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    trainer = make_trainer(Path(corpus), Path(out) / "ep", batch=2, ep=2)
+    trainer = make_trainer(Path(corpus), Path(out) / "ep", batch=2, ep=ep)
     grads: dict = {}
     record_grads(trainer, grads)
     result = trainer.train_step()
@@ -73,16 +75,17 @@ def _worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_one_step_with_ep2_equals_one_process(tmp_path):
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])  # (4, 2): experts also FSDP-sharded over dp_shard=2
+def test_one_step_with_ep2_equals_one_process(tmp_path, world, ep):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ("argparse.py", "textwrap.py", "dataclasses.py", "csv.py", "difflib.py"):
         (corpus / name).write_text((stdlib / name).read_text())
-    mp.spawn(_worker, args=(2, free_port(), str(corpus), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    mp.spawn(_worker, args=(world, free_port(), str(corpus), str(tmp_path), ep), nprocs=world)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
 
-    ref = make_trainer(corpus, tmp_path / "single", batch=4, ep=1)
+    ref = make_trainer(corpus, tmp_path / "single", batch=2 * world, ep=1)
     grads: dict = {}
     record_grads_single = ref.optimizers[0].step
 
@@ -99,11 +102,11 @@ def test_one_step_with_ep2_equals_one_process(tmp_path):
     assert torch.equal(ranks[0]["counts"], result["counts"])
     assert set(ranks[0]["grads"]) == set(grads)
     for name, g in grads.items():
-        close(ranks[0]["grads"][name], g, name)
-        close(ranks[1]["grads"][name], g, name)
-    for b0, b1, b in zip(ranks[0]["biases"], ranks[1]["biases"], [m.gate.e_score_correction_bias for m in ref.moes],
-                         strict=True):
-        assert torch.equal(b0, b1) and torch.equal(b0, b)  # identical on both ranks, and as in one process
+        for r in ranks:
+            close(r["grads"][name], g, name)
+    for i, b in enumerate(m.gate.e_score_correction_bias for m in ref.moes):
+        for r in ranks:  # identical on every rank, and as in one process
+            assert torch.equal(r["biases"][i], b)
     for name, w in ref.model.state_dict().items():
         close(ranks[0]["weights"][name], w, name)
 
@@ -127,7 +130,8 @@ def _run_worker(rank: int, world: int, port: int, corpus: str, out: str, steps: 
     dist.destroy_process_group()
 
 
-def test_sharded_checkpoint_resume_and_consolidate(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])  # 4: dp_shard 2 x ep 2, experts FSDP-sharded too
+def test_sharded_checkpoint_resume_and_consolidate(tmp_path, world):
     import json
 
     import moeforge
@@ -143,9 +147,9 @@ def test_sharded_checkpoint_resume_and_consolidate(tmp_path):
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
-    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "a"), 4, False), nprocs=2)
-    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 2, False), nprocs=2)
-    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 4, True), nprocs=2)
+    mp.spawn(_run_worker, args=(world, free_port(), str(corpus), str(tmp_path / "a"), 4, False), nprocs=world)
+    mp.spawn(_run_worker, args=(world, free_port(), str(corpus), str(tmp_path / "b"), 2, False), nprocs=world)
+    mp.spawn(_run_worker, args=(world, free_port(), str(corpus), str(tmp_path / "b"), 4, True), nprocs=world)
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # resumed from the sharded step-2 checkpoint
     ckpt = tmp_path / "b" / "checkpoints" / "step_0000004"
     assert is_sharded(ckpt)
