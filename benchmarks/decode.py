@@ -29,7 +29,7 @@ import torch
 
 from moeforge.infer.engine import Engine, SamplingParams
 from moeforge.interop.convert import convert_to_hf
-from moeforge.model.checkpoint import keep_fp32, load_model, save_model
+from moeforge.model.checkpoint import load_model, save_model
 from moeforge.model.transformer import Transformer
 
 

@@ -191,6 +191,7 @@ def v4_from_hf_dict(cls: type[ModelConfig], hf: dict[str, Any], name: str) -> Mo
                     hc_sinkhorn_iters=int(get("hc_sinkhorn_iters", 20)), hc_eps=float(get("hc_eps", 1e-6)),
                     swiglu_limit=float(get("swiglu_limit", 10.0))),
     )
+    cfg.attention.rope.theta = float(main_theta)  # the sliding-window layers' own RoPE base
     cfg.moe.scoring_func = get("scoring_func", "sqrtsoftplus")
     cfg.moe.norm_topk_prob = bool(get("norm_topk_prob", True))
     return cfg.validate()

@@ -73,3 +73,13 @@ def test_hf_v3_and_kimi_configs_map_field_by_field():
     assert cfg.attention.rope.type == "yarn" and cfg.attention.rope.theta == 50000.0
     assert cfg.eos_token_id == 163585 and cfg.moe.n_routed_experts == 384
     assert cfg.replace(name="kimi-k2") == get_preset("kimi-k2")
+
+
+def test_v4_hf_config_keeps_the_sliding_layers_rope_base():
+    hf = get_preset("tiny-v4").to_hf_dict()
+    hf["rope_theta"] = 50000.0
+    if isinstance(hf.get("rope_parameters"), dict) and isinstance(hf["rope_parameters"].get("main"), dict):
+        hf["rope_parameters"]["main"]["rope_theta"] = 50000.0
+    cfg = ModelConfig.from_hf_dict(hf)
+    assert cfg.attention.rope.theta == 50000.0
+    assert cfg.v4.compress_rope.theta == get_preset("tiny-v4").v4.compress_rope.theta

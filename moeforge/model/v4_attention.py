@@ -35,7 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig, RopeConfig

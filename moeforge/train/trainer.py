@@ -35,7 +35,7 @@ from moeforge.config import ModelConfig
 from moeforge.device import default_device, default_dtype, matmul_tflops, peak_flops
 from moeforge.distributed.dims import launched_by_torchrun
 from moeforge.model import build_model
-from moeforge.model.transformer import ModelOutput, Transformer
+from moeforge.model.transformer import ModelOutput
 from moeforge.ops.cross_entropy import linear_cross_entropy
 from moeforge.train.balance import load_stats, moe_modules, update_bias
 from moeforge.train.config import TrainConfig
