@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from rich.console import Console
@@ -24,6 +23,7 @@ from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
 from moeforge.model.moe import MoE
 from moeforge.ops.grouped import grouped_mm_works
+from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 
 
 def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor):
@@ -37,21 +37,6 @@ def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor):
         out.float().square().mean().backward()
 
     return step
-
-
-def time_round_robin(steps: dict[str, object], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per step; candidates alternate within each round so that load from
-    other processes hits all of them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def hf_block(cfg: MoEConfig, hidden: int, impl: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:

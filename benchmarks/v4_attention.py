@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -44,6 +42,7 @@ from moeforge.infer.cache import LatentCache
 from moeforge.model.layers import RotaryEmbedding
 from moeforge.model.mla import MLA
 from moeforge.model.v4_attention import V4Attention, V4LayerCache
+from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 
 V4_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
             "hca": "heavily_compressed_attention"}
@@ -129,20 +128,6 @@ class V4Runner:
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
-
-
-def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step; candidates alternate within each round."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
