@@ -49,6 +49,25 @@ class ModelOutput:
         return torch.stack([s.balance_loss for s in self.moe_stats]).mean()
 
 
+@torch.no_grad()
+def init_parameters(model: nn.Module, std: float, zeros: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> None:
+    """Normal(0, std) matrices, 1 for vectors (norm weights) and leaves named in `ones`, 0 for leaves
+    named in `zeros` and for the selection bias buffers. Meta tensors are skipped."""
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in zeros:
+            p.zero_()
+        elif leaf in ones or p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias") and not b.is_meta:
+            b.zero_()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool, impl: str = "auto"):
         super().__init__()
@@ -103,17 +122,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        std = self.cfg.initializer_range
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if p.dim() == 1:  # norms
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
-        for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias") and not b.is_meta:
-                b.zero_()
+        init_parameters(self, self.cfg.initializer_range)
 
     def forward(
         self,

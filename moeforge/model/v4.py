@@ -33,7 +33,7 @@ from moeforge.config import ModelConfig
 from moeforge.model.hyper import HyperConnection, HyperHead
 from moeforge.model.layers import RMSNorm
 from moeforge.model.moe import MoE, MoEStats
-from moeforge.model.transformer import ModelOutput
+from moeforge.model.transformer import ModelOutput, init_parameters
 from moeforge.model.v4_attention import V4Attention, V4LayerCache
 
 
@@ -101,23 +101,11 @@ class V4Transformer(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, initializer_range) matrices, unit norms and mHC scales, zero biases / sinks / position biases,
         a seeded random hash table."""
-        std = self.cfg.initializer_range
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("sinks", "position_bias", "base", "hc_base"):
-                p.zero_()
-            elif leaf in ("scale", "hc_scale") or p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
+        init_parameters(self, self.cfg.initializer_range, zeros=("sinks", "position_bias", "base", "hc_base"),
+                        ones=("scale", "hc_scale"))
         for i, m in enumerate(self.modules()):
             if hasattr(m, "init_table") and not m.tid2eid.is_meta:
                 m.init_table(seed=i)
-        for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias") and not b.is_meta:
-                b.zero_()
 
     def forward(
         self,

@@ -33,6 +33,17 @@ def _sorted_pairs(idx, w):
     return idx.gather(1, order), w.gather(1, order)
 
 
+def _assert_same_routing(ours: Router, hf, x: torch.Tensor) -> torch.Tensor:
+    """Same experts (order within a token aside) and the same gate weights; returns our indices, sorted."""
+    r = ours(x)
+    _, hw, hi = hf(x)
+    i1, w1 = _sorted_pairs(r.indices, r.weights)
+    i2, w2 = _sorted_pairs(hi, hw)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(w1, w2)
+    return i1
+
+
 @pytest.mark.parametrize("norm", [True, False])
 def test_sigmoid_group_router_matches_hf_v3(norm):
     cfg = _v3_cfg(norm_topk_prob=norm)
@@ -42,12 +53,8 @@ def test_sigmoid_group_router_matches_hf_v3(norm):
     hf.weight.data.copy_(ours.weight)
     hf.e_score_correction_bias.copy_(ours.e_score_correction_bias)
     x = torch.randn(200, D)
+    i1 = _assert_same_routing(ours, hf, x)
     r = ours(x)
-    _, hw, hi = hf(x)
-    i1, w1 = _sorted_pairs(r.indices, r.weights)
-    i2, w2 = _sorted_pairs(hi, hw)
-    assert torch.equal(i1, i2)
-    torch.testing.assert_close(w1, w2)
     # the bias changes which experts are picked but never the weights' source scores
     unbiased = Router(D, cfg)
     unbiased.weight.data.copy_(ours.weight)
@@ -65,13 +72,7 @@ def test_softmax_router_matches_hf_v2(method):
     ours, hf = Router(D, cfg), DeepseekV2TopkRouter(hf_cfg)
     torch.nn.init.normal_(ours.weight, std=0.3)
     hf.weight.data.copy_(ours.weight)
-    x = torch.randn(100, D)
-    r = ours(x)
-    _, hw, hi = hf(x)
-    i1, w1 = _sorted_pairs(r.indices, r.weights)
-    i2, w2 = _sorted_pairs(hi, hw)
-    assert torch.equal(i1, i2)
-    torch.testing.assert_close(w1, w2)
+    _assert_same_routing(ours, hf, torch.randn(100, D))
 
 
 def _reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
