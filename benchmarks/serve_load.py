@@ -1,7 +1,9 @@
-"""Server load benchmark: aggregate tokens/s of 8 concurrent clients vs 8 sequential ones.
+"""Server load benchmark: aggregate tokens/s of N concurrent clients vs N sequential ones.
 
-Starts `moeforge serve`'s app in-process on a free loopback port and drives it with the
-official `openai` client (streaming completions, greedy, a fixed number of tokens each).
+Starts `moeforge serve` in its own process on a free loopback port (as it is deployed) and
+drives it from this process with the official `openai` client: streaming completions, greedy,
+a fixed number of tokens each. The mean decode batch of each phase comes from the server's
+/metrics (decode steps and rows decoded, before and after the phase).
 
     python benchmarks/serve_load.py --ckpt runs/demo/checkpoints/step_0000300 [--clients 8 --tokens 64]
 """
@@ -11,14 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import threading
+import subprocess
+import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-import uvicorn
 
-from moeforge.serve.app import load_server
+
+def scrape(base: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 def main() -> None:
@@ -27,38 +38,54 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--speculative", action="store_true")
+    ap.add_argument("--server-args", default="", help="extra `moeforge serve` flags, e.g. '--speculative'")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = load_server(args.ckpt, device="cpu", dtype=args.dtype, max_batch=args.clients, model_name="m",
-                      speculative=args.speculative)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "moeforge", "serve", "--ckpt", args.ckpt, "--port", str(port), "--dtype", args.dtype,
+           "--max-batch", str(args.clients), "--model-name", "m", "--log-level", "warning", *args.server_args.split()]
+    server = subprocess.Popen(cmd)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    sys.exit(f"error: the server exited with code {server.returncode}")
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
 
-    def one(i: int) -> int:
-        stream = client.completions.create(model="m", prompt=f"def f{i}(", max_tokens=args.tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True})
-        return [c for c in stream if c.usage][-1].usage.completion_tokens
+        def one(i: int) -> int:
+            stream = client.completions.create(model="m", prompt=f"def f{i}(", max_tokens=args.tokens,
+                                               temperature=0, stream=True, stream_options={"include_usage": True})
+            return [c for c in stream if c.usage][-1].usage.completion_tokens
 
-    one(0)  # warm-up
-    t = time.perf_counter()
-    seq = sum(one(i) for i in range(args.clients))
-    t_seq = time.perf_counter() - t
-    t = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        conc = sum(pool.map(one, range(args.clients)))
-    t_conc = time.perf_counter() - t
-    row = {"metric": "serve_aggregate_tokens_per_s", "dtype": args.dtype, "clients": args.clients,
-           "tokens_each": args.tokens, "sequential": round(seq / t_seq, 1), "concurrent": round(conc / t_conc, 1),
-           "ratio": round((conc / t_conc) / (seq / t_seq), 2),
-           "mean_batch_size": round(app.state.worker.engine.stats.mean_batch_size, 2)}
-    print(json.dumps(row))
-    server.should_exit = True
+        def phase(run) -> tuple[float, float]:
+            m0 = scrape(base)
+            t = time.perf_counter()
+            tokens = run()
+            dt = time.perf_counter() - t
+            m1 = scrape(base)
+            steps = m1["moeforge_decode_steps_total"] - m0["moeforge_decode_steps_total"]
+            rows = m1["moeforge_decode_rows_total"] - m0["moeforge_decode_rows_total"]
+            return tokens / dt, rows / max(steps, 1)
+
+        for i in range(2):
+            one(i)  # warm-up
+        seq, seq_batch = phase(lambda: sum(one(i) for i in range(args.clients)))
+        with ThreadPoolExecutor(args.clients) as pool:
+            conc, conc_batch = phase(lambda: sum(pool.map(one, range(args.clients))))
+        row = {"metric": "serve_aggregate_tokens_per_s", "dtype": args.dtype, "clients": args.clients,
+               "tokens_each": args.tokens, "server_args": args.server_args, "sequential": round(seq, 1),
+               "concurrent": round(conc, 1), "ratio": round(conc / seq, 2),
+               "mean_batch_sequential": round(seq_batch, 2), "mean_batch_concurrent": round(conc_batch, 2)}
+        print(json.dumps(row))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Batched inference engine: prefill, absorbed-MLA decode over a preallocated latent cache,
 continuous batching, optional MTP self-speculative decoding.
 
-`Engine.submit` queues a request; each `Engine.step()`:
-  1. drops cancelled requests (their slot is freed at once),
+`Engine.submit` queues a request (from any thread: it only appends to an inbox); each
+`Engine.step()`:
+  1. moves the inbox into the waiting queue and drops cancelled requests (their slot is freed at once),
   2. admits waiting requests into free slots and prefills them together (right-padded,
      naive MLA path, per-sequence positions), sampling each one's first token,
   3. runs one decode step for every active sequence: one new token each with the
@@ -139,6 +140,7 @@ class Engine:
                                       self.device, self.dtype) if speculative else None)
         self.active: list[Request] = []  # active[i].slot == i
         self.waiting: deque[Request] = deque()
+        self.inbox: deque[Request] = deque()  # submitted, not yet seen by step(): safe to append from any thread
         self.stats = EngineStats(drafted=[0] if speculative else [], accepted=[0] if speculative else [])
         self._hold = 0
 
@@ -162,7 +164,7 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         req = Request(list(prompt), params, request_id or f"req-{next(_ids)}", on_update=on_update, generator=gen)
-        self.waiting.append(req)
+        self.inbox.append(req)
         return req
 
     def cancel(self, req: Request) -> None:
@@ -171,7 +173,12 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting)
+        return bool(self.active or self.waiting or self.inbox)
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet admitted to the batch."""
+        return len(self.waiting) + len(self.inbox)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Run prompts to completion (batched up to max_batch at a time); requests in prompt order."""
@@ -196,6 +203,8 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit, prefill, decode one step, retire. Returns the requests that changed."""
         changed: list[Request] = []
+        while self.inbox:
+            self.waiting.append(self.inbox.popleft())
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
             req.finish_reason = "cancelled"

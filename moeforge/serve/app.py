@@ -40,7 +40,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, template: ChatTemplat
         worker.start()
         yield
         with worker.lock:  # cancel everything in flight, then stop the thread
-            for req in list(engine.active) + list(engine.waiting):
+            for req in list(engine.active) + list(engine.waiting) + list(engine.inbox):
                 req.cancelled = True
         worker.stop()
 
@@ -157,7 +157,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, template: ChatTemplat
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse({"status": "ok", "running": len(engine.active), "waiting": len(engine.waiting)})
+        return JSONResponse({"status": "ok", "running": len(engine.active), "waiting": engine.queued})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -223,6 +223,10 @@ async def _stream(req, queue: asyncio.Queue, info: dict, include_usage: bool, me
             yield _chunk(info, None, None, role=True)
         while True:
             upd: Update = await queue.get()
+            while not queue.empty() and upd.finish_reason is None:
+                # the engine got ahead of this stream (several steps since we last ran): send one chunk
+                nxt = queue.get_nowait()
+                upd = Update(upd.text + nxt.text, nxt.tokens, nxt.finish_reason)
             if upd.finish_reason == "error":
                 err = APIError(500, "the engine failed on this request", type="server_error").body()
                 yield f"data: {json.dumps(err)}\n\n"

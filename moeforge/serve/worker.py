@@ -1,8 +1,9 @@
 """The engine's thread and the server's metrics.
 
 `EngineWorker` owns one `Engine` and runs `Engine.step()` in a background thread while any
-request is waiting or running; HTTP handlers submit requests under a lock (so a request joins
-the batch between two decode steps) and receive updates through an asyncio queue filled with
+request is waiting or running; HTTP handlers submit requests without waiting for a step to end
+(`Engine.submit` only appends to the engine's inbox; a request joins the batch between two
+decode steps) and receive updates through an asyncio queue filled with
 `loop.call_soon_threadsafe`. Cancelling is setting `Request.cancelled`; the next step frees the
 slot. If a step raises, every request in flight fails with a server error and the engine's
 slots are reset, so the server stays up.
@@ -51,7 +52,7 @@ class EngineWorker:
 
     @property
     def in_flight(self) -> int:
-        return len(self.engine.active) + len(self.engine.waiting)
+        return len(self.engine.active) + self.engine.queued
 
     def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
                queue: asyncio.Queue) -> Request:
@@ -62,8 +63,7 @@ class EngineWorker:
             upd = Update(req.new_text(hold), len(req.output), req.finish_reason)
             loop.call_soon_threadsafe(queue.put_nowait, upd)
 
-        with self.lock:
-            req = self.engine.submit(prompt, params, on_update=on_update)
+        req = self.engine.submit(prompt, params, on_update=on_update)
         self.wake.set()
         return req
 
@@ -82,6 +82,8 @@ class EngineWorker:
 
     def _fail_all(self) -> None:
         eng = self.engine
+        while eng.inbox:
+            eng.waiting.append(eng.inbox.popleft())
         for req in list(eng.active) + list(eng.waiting):
             req.finish_reason = "error"
             if req.on_update is not None:
@@ -144,8 +146,10 @@ class Metrics:
         metric("moeforge_requests_running", "gauge", "requests in the decode batch",
                [("", len(self.worker.engine.active))])
         metric("moeforge_requests_waiting", "gauge", "requests waiting for a batch slot",
-               [("", len(self.worker.engine.waiting))])
+               [("", self.worker.engine.queued)])
         metric("moeforge_decode_steps_total", "counter", "engine decode steps", [("", stats.steps)])
+        metric("moeforge_decode_rows_total", "counter", "rows decoded, summed over decode steps",
+               [("", stats.batch_size_sum)])
         metric("moeforge_batch_size_mean", "gauge", "mean rows per decode step", [("", stats.mean_batch_size)])
         metric("moeforge_spec_acceptance_rate", "gauge", "MTP draft acceptance rate by draft position",
                [(f'{{position="{i + 1}"}}', r) for i, r in enumerate(stats.acceptance_rate)])
