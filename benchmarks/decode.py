@@ -1,13 +1,16 @@
 """Decode benchmark: moeforge's engine vs HF `generate` on the same converted weights.
 
 Measures, in one run and one dtype:
-  1. batch-1 greedy decode tokens/s, ours vs HF DeepseekV3 `generate` (same prompt, same tokens);
+  1. batch-1 greedy decode tokens/s, ours (eager engine, and with `compile=True`: torch.compile'd
+     decode step) vs HF DeepseekV3 `generate` (same prompt, same tokens);
   2. cache bytes per token: ours (latent + rotary key) vs the formula L * (C + R) * bytes, and HF's
      (per-head K and V, measured from its cache after generate);
   3. time per decoded token at 1K and 4K tokens of context, ours vs HF (random weights: the speed
      does not depend on them);
-  4. MTP self-speculative decoding vs plain greedy on a trained checkpoint: speedup, acceptance,
-     and whether the outputs are identical.
+  4. MTP self-speculative decoding vs plain greedy on a trained checkpoint, eager and compiled:
+     speedup, acceptance, and whether the outputs are identical.
+
+Compiled engines are built once and reused (their first calls compile, outside the timings).
 
     python benchmarks/decode.py --ckpt runs/demo/checkpoints/step_0000300 [--dtype float32|bfloat16]
 
@@ -42,8 +45,9 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def ours_greedy(model, prompt: list[int], n: int, speculative: bool = False) -> tuple[list[int], Engine]:
-    eng = Engine(model, max_batch=1, max_len=len(prompt) + n + 1, speculative=speculative)
+def ours_greedy(model, prompt: list[int], n: int, speculative: bool = False,
+                engine: Engine | None = None) -> tuple[list[int], Engine]:
+    eng = engine or Engine(model, max_batch=1, max_len=len(prompt) + n + 1, speculative=speculative)
     req = eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
     return req.output, eng
 
@@ -90,14 +94,21 @@ def main() -> None:
     n = args.tokens
 
     # 1. batch-1 decode tokens/s, same weights, same greedy settings
+    compiled = Engine(model, max_batch=1, max_len=1024, compile=True)
+    for m in (16, 48, 8):  # compile, and let the context length become a symbolic size
+        ours_greedy(model, prompt, m, engine=compiled)
     ours_greedy(model, prompt, 8), hf_greedy(hf, prompt, 8)  # warm-up
     out_ours = ours_greedy(model, prompt, n)[0]
     hf_out = hf_greedy(hf, prompt, n)
     t_ours = timed(lambda: ours_greedy(model, prompt, n))
+    t_comp = timed(lambda: ours_greedy(model, prompt, n, engine=compiled))
     t_hf = timed(lambda: hf_greedy(hf, prompt, n))
     same = sum(a == b for a, b in zip(out_ours, hf_out.sequences[0, len(prompt):].tolist())) / n
+    same_compiled = ours_greedy(model, prompt, n, engine=compiled)[0] == out_ours
     emit(rows, metric="decode_tokens_per_s_batch1", dtype=args.dtype, tokens=n, ours=round(n / t_ours, 1),
          hf=round(n / t_hf, 1), ratio=round(t_hf / t_ours, 2), same_tokens_fraction=round(same, 3))
+    emit(rows, metric="decode_tokens_per_s_batch1_compiled", dtype=args.dtype, tokens=n, ours=round(n / t_comp, 1),
+         hf=round(n / t_hf, 1), ratio=round(t_hf / t_comp, 2), same_as_eager=same_compiled)
 
     # 2. cache bytes per token
     cfg = model.cfg
@@ -132,19 +143,23 @@ def main() -> None:
     # 4. MTP self-speculative decoding on the trained model
     if len(model.mtp):
         prompts = [list(range(10, 42)), [50, 60, 70, 80], list(range(200, 216))]
-        plain_t = spec_t = 0.0
-        same, acc = True, []
-        for p in prompts:
-            plain, _ = ours_greedy(model, p, n)
-            spec, eng = ours_greedy(model, p, n, speculative=True)
-            same &= plain == spec
-            acc.append(eng.stats.acceptance_rate[0])
-            plain_t += timed(lambda: ours_greedy(model, p, n))
-            spec_t += timed(lambda: ours_greedy(model, p, n, speculative=True))
-        emit(rows, metric="mtp_speculative", dtype=args.dtype, tokens=n * len(prompts),
-             plain_tokens_per_s=round(n * len(prompts) / plain_t, 1),
-             speculative_tokens_per_s=round(n * len(prompts) / spec_t, 1), speedup=round(plain_t / spec_t, 2),
-             acceptance_rate=round(sum(acc) / len(acc), 3), identical_greedy_output=same)
+        for comp in (False, True):
+            plain_eng = Engine(model, max_batch=1, max_len=1024, compile=comp)
+            spec_eng = Engine(model, max_batch=1, max_len=1024, compile=comp, speculative=True)
+            for p in prompts:  # warm-up (compiles)
+                for m in (16, 48):
+                    ours_greedy(model, p, m, engine=plain_eng), ours_greedy(model, p, m, engine=spec_eng)
+            spec_eng.stats = type(spec_eng.stats)(drafted=[0], accepted=[0])
+            plain_t = spec_t = 0.0
+            same = True
+            for p in prompts:
+                same &= ours_greedy(model, p, n, engine=plain_eng)[0] == ours_greedy(model, p, n, engine=spec_eng)[0]
+                plain_t += timed(lambda: ours_greedy(model, p, n, engine=plain_eng))
+                spec_t += timed(lambda: ours_greedy(model, p, n, engine=spec_eng))
+            emit(rows, metric="mtp_speculative" + ("_compiled" if comp else ""), dtype=args.dtype,
+                 tokens=n * len(prompts), plain_tokens_per_s=round(n * len(prompts) / plain_t, 1),
+                 speculative_tokens_per_s=round(n * len(prompts) / spec_t, 1), speedup=round(plain_t / spec_t, 2),
+                 acceptance_rate=round(spec_eng.stats.acceptance_rate[0], 3), identical_greedy_output=same)
 
     print(f"\n{'metric':40s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
     for r in rows:

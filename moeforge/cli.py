@@ -201,7 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if model.cfg.v4 is not None:  # DeepSeek-V4 decodes with its own cache, one sequence at a time
         _generate_v4(model, tok, ids, args)
         return
-    engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative)
+    engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative, compile=args.compile)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     req = engine.submit(ids, params)
@@ -218,8 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _generate_v4(model, tok, ids: list[int], args: argparse.Namespace) -> None:
     from moeforge.infer.sample import generate
 
-    if args.speculative:
-        raise ValueError("--speculative is not available for DeepSeek-V4 models yet; drop the flag")
+    if args.speculative or args.compile:
+        raise ValueError("--speculative and --compile are not available for DeepSeek-V4 models yet; drop the flag")
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.tensor([ids], device=next(model.parameters()).device)
     print(args.prompt, end="", flush=True)
@@ -242,7 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                      max_len=args.max_len, speculative=args.speculative, api_key=args.api_key,
+                      max_len=args.max_len, speculative=args.speculative, compile=args.compile, api_key=args.api_key,
                       model_name=args.model_name, max_concurrent=args.max_concurrent)
     print(f"moeforge: serving {args.ckpt} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step (V3 family; ~20-60 s to compile on a small CPU, then faster)")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a checkpoint (see docs/serving.md)")
@@ -320,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests running or waiting before 429 (default 4 x max-batch)")
     srv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     srv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    srv.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step (compiled at the first requests, then faster)")
     srv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     srv.add_argument("--device", default=None)
     srv.add_argument("--log-level", default="info")

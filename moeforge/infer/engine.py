@@ -119,8 +119,9 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None, tokenizer=None,
-                 speculative: bool = False):
-        """`tokenizer`: an HF `tokenizers.Tokenizer` (needed for stop strings and `Request.text`)."""
+                 speculative: bool = False, compile: bool = False):
+        """`tokenizer`: an HF `tokenizers.Tokenizer` (needed for stop strings and `Request.text`).
+        `compile`: run the decode step through `torch.compile` (Inductor; compiled on first use)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.cfg
@@ -141,6 +142,13 @@ class Engine:
         self.active: list[Request] = []  # active[i].slot == i
         self.waiting: deque[Request] = deque()
         self.inbox: deque[Request] = deque()  # submitted, not yet seen by step(): safe to append from any thread
+        from moeforge.infer.speculative import mtp_logits
+
+        # the decode-time forwards (plain decode, speculative verify, MTP draft); prefill stays eager.
+        # Sizes start static and become symbolic when they change (automatic dynamic shapes): a few
+        # compiles while the context length and batch size first move, then none.
+        self._forward_fn = torch.compile(self._forward) if compile else self._forward
+        self._mtp_fn = torch.compile(mtp_logits) if compile else mtp_logits
         self.stats = EngineStats(drafted=[0] if speculative else [], accepted=[0] if speculative else [])
         self._hold = 0
 
@@ -293,13 +301,18 @@ class Engine:
                 nxt[i, : lens[i]] = torch.tensor(r.prompt[1:] + [r.pending])
             mtp_draft(self, new, lo, out.hidden, nxt, lens, pos, absorbed=False)
 
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """T new tokens per row (B, T) over the cache, absorbed MLA -> logits (B, T, V), hidden (B, T, D)."""
+        out = self.model(ids, start_pos=pos, cache=cache, absorbed=True, mtp=False, logits=False)
+        return self.model.lm_head(out.hidden), out.hidden
+
     def _decode(self, rows: list[Request]) -> None:
         n = len(rows)
         ids = torch.tensor([[r.pending] for r in rows], device=self.device)
         pos = self.cache.positions(0, n)
-        out = self.model(ids, start_pos=pos, cache=self.cache.step(0, n, 1), absorbed=True, mtp=False, logits=False)
+        logits, _ = self._forward_fn(ids, pos, self.cache.step(0, n, 1))
         self.cache.commit(0, [1] * n)
-        tokens = self.sample(self.model.lm_head(out.hidden[:, 0]), rows)
+        tokens = self.sample(logits[:, 0], rows)
         for req, tok in zip(rows, tokens):
             req.pending = tok
             self._append(req, tok)

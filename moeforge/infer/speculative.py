@@ -34,24 +34,35 @@ if TYPE_CHECKING:
     from moeforge.infer.engine import Engine, Request
 
 
+def mtp_logits(model, next_ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, cache, last: torch.Tensor,
+               absorbed: bool = True) -> torch.Tensor:
+    """The first MTP module over T positions per row, extending its cache -> logits (B, V) at row i's
+    position last[i] (the draft for the token after it)."""
+    module = model.mtp[0]
+    B, T = next_ids.shape
+    positions = pos.view(-1, 1) + torch.arange(T, device=pos.device)
+    cos, sin = model.rotary(positions)
+    h = module.eh_proj(torch.cat([module.enorm(model.embed_tokens(next_ids)), module.hnorm(hidden[:, :T])], dim=-1))
+    h, _, _ = module.block(h, cos, sin, cache, absorbed)
+    return model.lm_head(module.norm(h[torch.arange(B, device=h.device), last]))  # (B, V)
+
+
 def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor, next_ids: torch.Tensor,
               counts: list[int], pos: torch.Tensor, absorbed: bool = True) -> None:
     """Extend the MTP cache of slots lo.. with `counts[i]` positions and draft each row's next token.
 
     hidden (B, T, D): main-model states (after the final norm) at the new positions; next_ids (B, T): the
-    token following each position; pos (B,): first new position per row.
+    token following each position; pos (B,): first new position per row. absorbed=False (prefill) runs
+    eager; absorbed=True (decode) runs the engine's (possibly compiled) function.
     """
-    model, cache = engine.model, engine.mtp_cache
-    module = model.mtp[0]
     B, T = next_ids.shape
-    hi = lo + B
-    positions = pos.view(-1, 1) + torch.arange(T, device=pos.device)
-    cos, sin = model.rotary(positions)
-    h = module.eh_proj(torch.cat([module.enorm(model.embed_tokens(next_ids)), module.hnorm(hidden[:, :T])], dim=-1))
-    h, _, _ = module.block(h, cos, sin, cache.step(lo, hi, T)[0], absorbed)
-    cache.commit(lo, counts)
-    last = torch.tensor(counts, device=h.device) - 1
-    logits = model.lm_head(module.norm(h[torch.arange(B, device=h.device), last]))  # (B, V)
+    writer = engine.mtp_cache.step(lo, lo + B, T)[0]
+    last = torch.tensor(counts, device=hidden.device) - 1
+    if absorbed:
+        logits = engine._mtp_fn(engine.model, next_ids, hidden, pos, writer, last)
+    else:
+        logits = mtp_logits(engine.model, next_ids, hidden, pos, writer, last, absorbed=False)
+    engine.mtp_cache.commit(lo, counts)
     greedy = logits.argmax(-1).tolist()
     for i, req in enumerate(rows):
         p = req.params
@@ -83,12 +94,11 @@ def _accept(req: Request, logits: torch.Tensor) -> list[int]:
 
 def speculative_step(engine: Engine, rows: list[Request]) -> None:
     """One verify-accept-draft step for every active row (slots 0..B-1)."""
-    model, cache = engine.model, engine.cache
+    cache = engine.cache
     B = len(rows)
     ids = torch.tensor([[r.pending, r.draft] for r in rows], device=engine.device)  # (B, 2)
     pos = cache.positions(0, B)
-    out = model(ids, start_pos=pos, cache=cache.step(0, B, 2), absorbed=True, mtp=False, logits=False)
-    logits = model.lm_head(out.hidden)  # (B, 2, V)
+    logits, hidden = engine._forward_fn(ids, pos, cache.step(0, B, 2))  # (B, 2, V), (B, 2, D)
     kept = [_accept(r, logits[i]) for i, r in enumerate(rows)]
     counts = [len(k) for k in kept]
     cache.commit(0, counts)
@@ -104,4 +114,4 @@ def speculative_step(engine: Engine, rows: list[Request]) -> None:
         req.pending = k[-1]
         for tok in k:
             engine._append(req, tok)
-    mtp_draft(engine, rows, 0, out.hidden, nxt.to(engine.device), counts, pos)
+    mtp_draft(engine, rows, 0, hidden, nxt.to(engine.device), counts, pos)

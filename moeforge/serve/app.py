@@ -253,7 +253,8 @@ async def _stream(req, queue: asyncio.Queue, info: dict, include_usage: bool, me
 
 
 def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto", max_batch: int = 8,
-                max_len: int | None = None, speculative: bool = False, api_key: str | None = None,
+                max_len: int | None = None, speculative: bool = False, compile: bool = False,
+                api_key: str | None = None,
                 model_name: str | None = None, max_concurrent: int | None = None) -> FastAPI:
     """Load a checkpoint folder (or a run folder's newest checkpoint) and build the app."""
     import torch
@@ -273,6 +274,7 @@ def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto"
         raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     model = load_model(path, device=device, dtype=dtypes[dtype])
     tok = Tokenizer.from_file(str(tok_file))
-    engine = Engine(model, max_batch=max_batch, max_len=max_len, tokenizer=tok, speculative=speculative)
+    engine = Engine(model, max_batch=max_batch, max_len=max_len, tokenizer=tok, speculative=speculative,
+                    compile=compile)
     name = model_name or Path(ckpt).resolve().name
     return create_app(engine, tok, name, ChatTemplate(path), api_key, max_concurrent)

@@ -113,6 +113,19 @@ def test_moe_block_matches_per_token_reference_and_hf():
     torch.testing.assert_close(y, hf(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("limit", [0.0, 0.5])
+def test_fused_inference_path_matches_sorted_segments(limit):
+    """The sort-free path used inside compiled decode graphs == the segment path (outputs and counts)."""
+    moe = _init(MoE(D, _v3_cfg(), swiglu_limit=limit)).double()
+    moe.gate.weight.data = moe.gate.weight.data.float()
+    flat = torch.randn(5, D, dtype=torch.float64)
+    r = moe.gate(flat)
+    want, want_counts = moe._routed(flat, r)
+    got, counts = moe._routed_fused(flat, r)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(counts, want_counts)
+
+
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
 def test_moe_backward_matches_reference(impl):
     if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.float32):
