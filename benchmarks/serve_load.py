@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--server-args", default="", help="extra `moeforge serve` flags, e.g. '--speculative'")
+    ap.add_argument("--server-args", default="", help="extra `moeforge serve` flags, e.g. '--speculative'; write it as --server-args=--compile")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,10 +73,12 @@ def main() -> None:
             rows = m1["moeforge_decode_rows_total"] - m0["moeforge_decode_rows_total"]
             return tokens / dt, rows / max(steps, 1)
 
-        for i in range(2):
-            one(i)  # warm-up
-        seq, seq_batch = phase(lambda: sum(one(i) for i in range(args.clients)))
         with ThreadPoolExecutor(args.clients) as pool:
+            # warm-up, alone and together (with --compile: the compiles for changing batch sizes happen here)
+            for i in range(2):
+                one(i)
+            sum(pool.map(one, range(args.clients)))
+            seq, seq_batch = phase(lambda: sum(one(i) for i in range(args.clients)))
             conc, conc_batch = phase(lambda: sum(pool.map(one, range(args.clients))))
         row = {"metric": "serve_aggregate_tokens_per_s", "dtype": args.dtype, "clients": args.clients,
                "tokens_each": args.tokens, "server_args": args.server_args, "sequential": round(seq, 1),
