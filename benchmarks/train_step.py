@@ -32,15 +32,16 @@ from moeforge.train.optim import build_optimizers
 from moeforge.train.trainer import compute_losses
 
 
-def ours_step(model: Transformer, cfg: TrainConfig, batches, autocast, mtp: bool):
+def ours_step(model: Transformer, cfg: TrainConfig, batches, autocast, mtp: bool, compile: bool = False):
     opts = build_optimizers(model, cfg)
+    fwd = torch.compile(model) if compile else model  # as `moeforge train --compile`
     moes = moe_modules(model)
     it = iter(batches)
 
     def step() -> None:
         window = next(it)
         with autocast():  # as the trainer does: the head runs fused with the loss
-            out = model(window[:, :-1], mtp=mtp, logits=False)
+            out = fwd(window[:, :-1], mtp=mtp, logits=False)
             losses = compute_losses(out, window, cfg, model.lm_head.weight)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation: eager or grouped_mm")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time ours under torch.compile (as `moeforge train --compile`)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -105,6 +108,9 @@ def main() -> None:
         "moeforge (trainer: MTP + balance)": ours_step(Transformer(mcfg), tcfg, batches, autocast, mtp=True),
         f"HF DeepseekV3 ({args.hf_experts})": hf_step(hf, tcfg, batches, autocast),
     }
+    if args.compile:
+        steps["moeforge compiled (no MTP)"] = ours_step(Transformer(mcfg), tcfg, batches, autocast, mtp=False,
+                                                        compile=True)
     with_mtp = {name: name.startswith("moeforge (trainer") for name in steps}  # which FLOP count applies
     for step in steps.values():
         step()
