@@ -19,7 +19,7 @@ a preallocated `LatentCache`, as `Engine._prefill`; V4: `V4Attention` with a fre
 consecutive tokens (one CSA window, so its compression step is included once per run;
 HCA's once per 128 tokens is not), restarting from the prefilled cache each run (V3: the
 absorbed path over the `LatentCache`, as `Engine._decode`; V4: the layer with its cache,
-as `generate_v4`). Candidates alternate within each round; medians. Cache bytes per token
+as the engine's V4 decode). Candidates alternate within each round; medians. Cache bytes per token
 from the accounting functions, checked against the cache tensors after prefill.
 
     .venv/bin/python benchmarks/v4_attention.py [--contexts 1024,2048,4096,8192,16384] [--repeats 5]

@@ -198,9 +198,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt is empty after tokenization; give some text with --prompt")
-    if model.cfg.v4 is not None:  # DeepSeek-V4 decodes with its own cache, one sequence at a time
-        _generate_v4(model, tok, ids, args)
-        return
     engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative, compile=args.compile)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
@@ -213,23 +210,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.speculative:
         rate = engine.stats.acceptance_rate
         print(f"MTP draft acceptance: {', '.join(f'{r:.2f}' for r in rate)}", file=sys.stderr)
-
-
-def _generate_v4(model, tok, ids: list[int], args: argparse.Namespace) -> None:
-    from moeforge.infer.sample import generate
-
-    if args.speculative or args.compile:
-        raise ValueError("--speculative and --compile are not available for DeepSeek-V4 models yet; drop the flag")
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.tensor([ids], device=next(model.parameters()).device)
-    print(args.prompt, end="", flush=True)
-    done = list(ids)
-    for token in generate(model, prompt, args.max_new_tokens, gen, args.temperature, args.top_k, args.top_p,
-                          eos_token_id=model.cfg.eos_token_id):
-        before = tok.decode(done)
-        done.append(token)
-        print(tok.decode(done)[len(before):], end="", flush=True)
-    print()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -13,6 +13,13 @@ continuous batching, optional MTP self-speculative decoding.
 Requests therefore join and leave the running batch between decode steps. The engine is
 single-threaded; the server drives it from one worker thread (moeforge/serve).
 
+DeepSeek-V4 models (`cfg.v4`) keep their own per-layer caches (window, compressed entries,
+indexer keys, compressor state: moeforge.model.v4_attention), whose compression steps fall at
+each sequence's own positions. The engine holds one such cache per request and runs each
+active request's forward in turn within a step: scheduling, sampling, stop handling and
+streaming are shared with the V3 path, but V4 rows are not batched into one forward (and
+`speculative` / `compile` are V3-only for now).
+
 Sampling is done per row with the request's own `torch.Generator` (seeded from
 `SamplingParams.seed`), so a request's output does not depend on what it was batched with.
 
@@ -28,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from moeforge.infer.cache import LatentCache
 from moeforge.infer.sample import filter_logits
@@ -81,6 +89,7 @@ class Request:
     draft: int = -1  # MTP draft for the token after `pending`
     draft_probs: torch.Tensor | None = None  # (V,) the draft distribution (temperature > 0)
     emitted: int = 0  # characters of `text` already streamed
+    state: list | None = None  # DeepSeek-V4: this request's per-layer V4LayerCache list
 
     @property
     def finished(self) -> bool:
@@ -118,7 +127,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None, tokenizer=None,
+    def __init__(self, model: Transformer | nn.Module, max_batch: int = 8, max_len: int | None = None, tokenizer=None,
                  speculative: bool = False, compile: bool = False):
         """`tokenizer`: an HF `tokenizers.Tokenizer` (needed for stop strings and `Request.text`).
         `compile`: run the decode step through `torch.compile` (Inductor; compiled on first use)."""
@@ -130,15 +139,23 @@ class Engine:
         self.max_batch = max_batch
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with MTP modules (mtp.num_layers >= 1)")
+        self.v4 = cfg.v4 is not None
+        if self.v4 and (speculative or compile):
+            raise ValueError("speculative decoding and compile are not available for DeepSeek-V4 models yet; "
+                             "drop --speculative / --compile")
         self.speculative = speculative
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         a = cfg.attention
-        # +1: a verify step writes the draft one position past the last kept token
-        self.cache = LatentCache(cfg.num_layers, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
-                                 self.device, self.dtype)
-        self.mtp_cache = (LatentCache(1, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
-                                      self.device, self.dtype) if speculative else None)
+        self.cache: LatentCache | None = None
+        self.mtp_cache: LatentCache | None = None
+        if not self.v4:
+            # +1: a verify step writes the draft one position past the last kept token
+            self.cache = LatentCache(cfg.num_layers, max_batch, self.max_len + 1, a.kv_lora_rank,
+                                     a.qk_rope_head_dim, self.device, self.dtype)
+            if speculative:
+                self.mtp_cache = LatentCache(1, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
+                                             self.device, self.dtype)
         self.active: list[Request] = []  # active[i].slot == i
         self.waiting: deque[Request] = deque()
         self.inbox: deque[Request] = deque()  # submitted, not yet seen by step(): safe to append from any thread
@@ -263,11 +280,15 @@ class Engine:
             for c in self._caches():
                 c.clear(len(self.active))
             req.slot = -1
+            req.state = None
 
     def _caches(self) -> list[LatentCache]:
-        return [self.cache] + ([self.mtp_cache] if self.mtp_cache is not None else [])
+        return [c for c in (self.cache, self.mtp_cache) if c is not None]
 
     def _prefill(self, new: list[Request]) -> None:
+        if self.v4:
+            self._step_v4(new, prefill=True)
+            return
         lo = len(self.active)
         for i, req in enumerate(new):
             req.slot = lo + i
@@ -306,7 +327,33 @@ class Engine:
         out = self.model(ids, start_pos=pos, cache=cache, absorbed=True, mtp=False, logits=False)
         return self.model.lm_head(out.hidden), out.hidden
 
+    def _step_v4(self, rows: list[Request], prefill: bool) -> None:
+        """DeepSeek-V4: one forward per request over its own cache (the prompt, or its pending token)."""
+        if prefill:
+            self.active += rows
+            for i, req in enumerate(self.active):
+                req.slot = i
+        logits = []
+        for req in rows:
+            if prefill:
+                ids, start = req.prompt, 0
+            else:
+                ids, start = [req.pending], req.state[0].length
+            out = self.model(torch.tensor([ids], device=self.device), start_pos=start, cache=req.state, mtp=False,
+                             return_cache=True)
+            req.state = out.cache
+            logits.append(out.logits[:, -1])
+        tokens = self.sample(torch.cat(logits), rows)
+        if prefill:
+            self.stats.prefill_tokens += sum(len(r.prompt) for r in rows)
+        for req, tok in zip(rows, tokens):
+            req.pending = tok
+            self._append(req, tok)
+
     def _decode(self, rows: list[Request]) -> None:
+        if self.v4:
+            self._step_v4(rows, prefill=False)
+            return
         n = len(rows)
         ids = torch.tensor([[r.pending] for r in rows], device=self.device)
         pos = self.cache.positions(0, n)

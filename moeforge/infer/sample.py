@@ -57,7 +57,7 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids for a (1, T) prompt until max_new_tokens or eos (a batch-1 `Engine`)."""
+    """Yield new token ids for a (1, T) prompt until max_new_tokens or eos (a batch-1 `Engine`; V3 or V4)."""
     from moeforge.infer.engine import Engine, SamplingParams
 
     if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
@@ -67,14 +67,6 @@ def generate(
         raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {limit} tokens")
     if max_new_tokens <= 0:
-        return
-    if getattr(model.cfg, "v4", None) is not None:  # DeepSeek-V4: its own cache (moeforge.infer.v4)
-        from moeforge.infer.v4 import generate_v4
-
-        for token in generate_v4(model, prompt, max_new_tokens, generator, temperature, top_k, top_p):
-            if eos_token_id is not None and token == eos_token_id:
-                return
-            yield token
         return
     engine = Engine(model, max_batch=1, max_len=prompt.shape[1] + max_new_tokens)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -38,15 +38,15 @@ def test_tiny_v4_trains_and_generates(corpus, tmp_path, capsys):
     # the bias update ran on the top-k layers; hash-routed layer 0 has no bias (reported as 0)
     hi, lo = train[-1]["bias_max"], train[-1]["bias_min"]
     assert hi[0] == 0.0 and lo[0] == 0.0 and max(hi[1:]) > 0.0
-    # generation over the V4 cache (the batched Engine behind `moeforge generate` manages MLA caches only)
+    # generation over the V4 cache (the Engine behind `moeforge generate` keeps one per request)
     import torch
 
     import moeforge
-    from moeforge.infer.v4 import generate_v4
+    from moeforge.infer.sample import generate
 
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     model = moeforge.load_model(ckpt, device="cpu")
-    tokens = list(generate_v4(model, torch.tensor([[5, 6, 7]]), 8, None, 0.0, 0, 1.0))
+    tokens = list(generate(model, torch.tensor([[5, 6, 7]]), 8, None, temperature=0.0))
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
     # and through the CLI, greedy: the same text from the run folder twice
     capsys.readouterr()
