@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from moeforge.device import keep_freed_host_memory
 from moeforge.infer.engine import Engine, SamplingParams
 from moeforge.interop.convert import convert_to_hf
 from moeforge.model.checkpoint import load_model, save_model
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0 measures without); every candidate runs under it
+    print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -16,14 +16,15 @@ import argparse
 import json
 
 import torch
+from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
 from moeforge.config import MoEConfig
+from moeforge.device import keep_freed_host_memory
 from moeforge.model.layers import MLP
 from moeforge.model.moe import MoE
 from moeforge.ops.grouped import grouped_mm_works
-from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 
 
 def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor):
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
+    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0 measures without); every candidate runs under it
+    print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    from moeforge.device import keep_freed_host_memory
+
+    keep_freed_host_memory()
     try:
         args.func(args)
     except (ValueError, OSError, TrainingAborted) as e:

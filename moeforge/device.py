@@ -13,8 +13,10 @@ achieved FLOP/s by `peak_flops(device, dtype)` for MFU.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
+import os
 import platform
 import sys
 import time
@@ -44,6 +46,28 @@ PEAK_TFLOPS: MappingProxyType[str, MappingProxyType[str, float]] = MappingProxyT
 
 
 # ------------------------------------------------------------------ detection
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Linux/glibc: serve large host allocations from the heap and keep freed memory in the process.
+
+    glibc's default hands every allocation above 128 KiB-32 MiB to `mmap` and returns it on free,
+    so each training step's fresh activation tensors start as untouched pages and pay a page fault
+    per 4 KiB on first write. For the MoE block's (tokens x top-k, hidden) row buffers that was
+    ~17% of a forward + backward step on the dev CPU (benchmarks/moe_layer.py; the dense MLP
+    gained ~3%). The process keeps its peak heap instead of returning it, which is what a
+    training or serving process does anyway. Called by the CLI and the benchmarks; set
+    MOEFORGE_KEEP_FREED_MEMORY=0 to leave the allocator alone. Returns whether it took effect.
+    """
+    if os.environ.get("MOEFORGE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
 @functools.cache
 def _load_plugins() -> tuple[str, ...]:
     """Import out-of-tree device plugins that register themselves with torch (today: torch_npu)."""

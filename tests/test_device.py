@@ -80,3 +80,17 @@ def test_no_torch_cuda_outside_device_module():
         if p.name != "device.py" and re.search(r"\btorch\.cuda\.", p.read_text())
     ]
     assert offenders == []
+
+
+def test_keep_freed_host_memory_applies_on_glibc_and_can_be_disabled(monkeypatch):
+    import platform
+    import sys
+
+    from moeforge.device import keep_freed_host_memory
+
+    fn = keep_freed_host_memory.__wrapped__  # uncached
+    monkeypatch.setenv("MOEFORGE_KEEP_FREED_MEMORY", "0")
+    assert fn() is False
+    monkeypatch.delenv("MOEFORGE_KEEP_FREED_MEMORY")
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert fn() is True
