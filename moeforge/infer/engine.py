@@ -328,24 +328,27 @@ class Engine:
         return self.model.lm_head(out.hidden), out.hidden
 
     def _step_v4(self, rows: list[Request], prefill: bool) -> None:
-        """DeepSeek-V4: one forward per request over its own cache (the prompt, or its pending token)."""
+        """DeepSeek-V4. Prefill: one forward per new request (prompts differ in length). Decode: one
+        forward for all rows, attention per row over its own cache (moeforge.model.v4_attention)."""
         if prefill:
             self.active += rows
             for i, req in enumerate(self.active):
                 req.slot = i
-        logits = []
-        for req in rows:
-            if prefill:
-                ids, start = req.prompt, 0
-            else:
-                ids, start = [req.pending], req.state[0].length
-            out = self.model(torch.tensor([ids], device=self.device), start_pos=start, cache=req.state, mtp=False,
-                             return_cache=True)
-            req.state = out.cache
-            logits.append(out.logits[:, -1])
-        tokens = self.sample(torch.cat(logits), rows)
-        if prefill:
+            logits = []
+            for req in rows:
+                out = self.model(torch.tensor([req.prompt], device=self.device), mtp=False, return_cache=True)
+                req.state = out.cache
+                logits.append(out.logits[:, -1])
+            logits = torch.cat(logits)
             self.stats.prefill_tokens += sum(len(r.prompt) for r in rows)
+        else:
+            ids = torch.tensor([[r.pending] for r in rows], device=self.device)
+            per_row = [[r.state[layer] for r in rows] for layer in range(len(rows[0].state))]
+            out = self.model(ids, cache=per_row, mtp=False, return_cache=True)
+            for i, req in enumerate(rows):
+                req.state = [layer[i] for layer in out.cache]
+            logits = out.logits[:, -1]
+        tokens = self.sample(logits, rows)
         for req, tok in zip(rows, tokens):
             req.pending = tok
             self._append(req, tok)
@@ -397,7 +400,5 @@ class Engine:
                     req.text = req.text[: min(hits)]
                     req.finish_reason = "stop"
                     return
-        if len(req.output) >= p.max_tokens:
-            req.finish_reason = "length"
-        elif len(req.prompt) + len(req.output) >= self.max_len:
+        if len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
             req.finish_reason = "length"

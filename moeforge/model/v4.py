@@ -117,12 +117,17 @@ class V4Transformer(nn.Module):
         return_cache: bool = False,
         logits: bool = True,
     ) -> ModelOutput:
-        """Same contract as moeforge.model.transformer.Transformer.forward; `cache` is a list of V4LayerCache."""
+        """Same contract as moeforge.model.transformer.Transformer.forward; `cache` is a list of V4LayerCache.
+
+        For sequences at different positions, `cache[i]` may be a list of B one-row caches (one per
+        sequence; `start_pos` is then ignored): attention runs per row over its own cache, everything
+        else runs batched, and `out.cache` comes back in the same per-row form.
+        """
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
-        if cache is not None and cache[0].length != start_pos:
+        if cache is not None and not isinstance(cache[0], list) and cache[0].length != start_pos:
             raise ValueError(f"start_pos={start_pos} does not continue the cache, which holds {cache[0].length} tokens")
-        B, T = ids.shape
+        T = ids.shape[1]
         n = self.cfg.v4.hc_mult
         emb = self.embed_tokens(ids)
         h = emb.unsqueeze(2).expand(-1, -1, n, -1).contiguous()

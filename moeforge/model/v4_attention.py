@@ -207,8 +207,19 @@ class V4Attention(nn.Module):
             c.indexer.empty_state(x) if c is not None and hasattr(c, "indexer") else None,
         )
 
-    def forward(self, x: torch.Tensor, cache: V4LayerCache | None = None) -> tuple[torch.Tensor, V4LayerCache]:
-        """x (B, T, D) continuing `cache` (None: a fresh sequence) -> (B, T, D) and the grown cache."""
+    def forward(self, x: torch.Tensor, cache: V4LayerCache | list[V4LayerCache] | None = None
+                ) -> tuple[torch.Tensor, V4LayerCache | list[V4LayerCache]]:
+        """x (B, T, D) continuing `cache` (None: a fresh sequence) -> (B, T, D) and the grown cache.
+
+        `cache` may also be a list of B one-row caches of sequences at different positions (the
+        inference engine's batched decode): each row then attends over its own cache, and the grown
+        caches come back as a list.
+        """
+        if isinstance(cache, list):
+            if len(cache) != x.shape[0]:
+                raise ValueError(f"{len(cache)} per-row caches for a batch of {x.shape[0]} rows")
+            rows = [self.forward(x[i : i + 1], c) for i, c in enumerate(cache)]
+            return torch.cat([o for o, _ in rows]), [c for _, c in rows]
         B, T, _ = x.shape
         cache = self.empty_cache(x) if cache is None else cache
         start = cache.length

@@ -51,6 +51,22 @@ def test_v4_engine_matches_recompute_and_batches(model):
     assert all(r.state is None for r in reqs)  # caches released with the slot
 
 
+@torch.no_grad()
+def test_per_row_caches_equal_separate_forwards(model):
+    """Rows at different positions in one forward (per-row caches) == each row on its own."""
+    caches = []
+    for p in PROMPTS:
+        out = model(torch.tensor([p]), mtp=False, return_cache=True)
+        caches.append(out.cache)
+    nxt = torch.tensor([[3], [4], [5]])
+    alone = [model(nxt[i : i + 1], start_pos=len(p), cache=caches[i], mtp=False, return_cache=True)
+             for i, p in enumerate(PROMPTS)]
+    per_row = [[c[layer] for c in caches] for layer in range(len(caches[0]))]
+    out = model(nxt, cache=per_row, mtp=False, return_cache=True)
+    torch.testing.assert_close(out.logits, torch.cat([a.logits for a in alone]), atol=1e-5, rtol=1e-5)
+    assert [c.length for c in out.cache[0]] == [len(p) + 1 for p in PROMPTS]
+
+
 def test_v4_engine_seeded_sampling_and_refusals(model):
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=3)
     alone = Engine(model, max_batch=1).generate([PROMPTS[0]], params)[0].output
