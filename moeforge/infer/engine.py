@@ -213,6 +213,17 @@ class Engine:
             self.step()
         return reqs
 
+    def warm_up(self) -> None:
+        """Run a few short requests so a compiled engine compiles before real traffic: batch 1 at two
+        context lengths (the length becomes a symbolic size), then a full batch of mixed lengths.
+        Resets the statistics afterwards."""
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        for n in (2, 5):
+            self.generate([[1] * n], greedy)
+        if self.max_batch > 1:
+            self.generate([[1] * (2 + i % 3) for i in range(self.max_batch)], greedy)
+        self.stats = EngineStats(drafted=[0] if self.speculative else [], accepted=[0] if self.speculative else [])
+
     def stream(self, prompt: list[int], params: SamplingParams,
                generator: torch.Generator | None = None) -> Iterator[int]:
         """Token ids of one request as they are produced (runs the engine itself)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -276,5 +277,10 @@ def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto"
     tok = Tokenizer.from_file(str(tok_file))
     engine = Engine(model, max_batch=max_batch, max_len=max_len, tokenizer=tok, speculative=speculative,
                     compile=compile)
+    if compile:  # compile now rather than on the first requests
+        print("moeforge: compiling the decode step (once; about a minute on a small CPU)...", file=sys.stderr)
+        t0 = time.perf_counter()
+        engine.warm_up()
+        print(f"moeforge: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     name = model_name or Path(ckpt).resolve().name
     return create_app(engine, tok, name, ChatTemplate(path), api_key, max_concurrent)

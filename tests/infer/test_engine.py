@@ -167,6 +167,14 @@ def test_speculative_greedy_equals_plain_greedy(model, monkeypatch):
     assert eng.stats.generated_tokens == sum(map(len, plain))
 
 
+def test_warm_up_leaves_a_clean_engine(model):
+    eng = Engine(model, max_batch=3)
+    eng.warm_up()
+    assert eng.stats.steps == 0 and eng.stats.generated_tokens == 0
+    assert eng.cache.lengths == [0, 0, 0] and not eng.has_work
+    assert eng.generate([PROMPTS[0]], GREEDY)[0].output == Engine(model).generate([PROMPTS[0]], GREEDY)[0].output
+
+
 def test_compiled_decode_equals_eager(model):
     """torch.compile'd decode, verify and draft steps give the eager engine's tokens: a batch of
     different lengths (the masked path) that shrinks to one row, and MTP speculation."""
