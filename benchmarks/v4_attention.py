@@ -123,6 +123,11 @@ class V4Runner:
 
     def decode(self, xs: list[torch.Tensor]) -> None:
         c = self.cache  # the layer returns a new cache object: the prefilled one is left as it was
+        for s in (c.compressor, c.indexer):
+            # rewind the growable entry buffers to the prefilled length, so each run appends in place
+            # as one continuous decode does (continuing twice from one state would copy: a branch)
+            if s is not None and s.store is not None:
+                s.store.used = s.entries.shape[1]
         for x in xs:
             _, c = self.attn(x, c)
 

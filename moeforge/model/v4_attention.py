@@ -65,13 +65,45 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 # ------------------------------------------------------------------ cache
+class _RowStore:
+    """A (B, capacity, d) buffer whose first `used` rows are live; cache states view a prefix of it.
+
+    Decoding appends one compressed entry every `rate` tokens. Concatenating would copy all n
+    entries each time (quadratic in the context: 256 MB per CSA layer per entry at V4-Flash's 1M
+    tokens); appending in place into a buffer of doubling capacity is amortised O(1). A state whose
+    prefix is no longer the buffer's end (someone continued from the same state before) copies
+    instead, so branching from an old state stays correct.
+    """
+
+    def __init__(self, rows: torch.Tensor, capacity: int):
+        B, n, d = rows.shape
+        self.data = rows.new_empty(B, capacity, d)
+        self.data[:, :n] = rows
+        self.used = n
+
+    @staticmethod
+    def append(entries: torch.Tensor, store: _RowStore | None, rows: torch.Tensor
+               ) -> tuple[torch.Tensor, _RowStore | None]:
+        """entries (B, n, d) + rows (B, k, d) -> the (B, n + k, d) result and the store it views."""
+        if torch.is_grad_enabled():  # training: keep the graph plain
+            return torch.cat([entries, rows], 1), None
+        n, k = entries.shape[1], rows.shape[1]
+        if (store is None or store.used != n or store.data.shape[1] < n + k
+                or store.data.shape[0] != rows.shape[0] or store.data.dtype != rows.dtype):
+            store = _RowStore(entries, max(16, 2 * (n + k)))
+        store.data[:, n : n + k] = rows
+        store.used = n + k
+        return store.data[:, : n + k], store
+
+
 @dataclass
 class CompressorState:
     pending_kv: torch.Tensor  # (B, p < m, width) projected rows of the unfinished window
     pending_gate: torch.Tensor  # (B, p, width) their fp32 gate logits (position bias not yet added)
-    entries: torch.Tensor  # (B, n, d) compressed, normalised, rotated
+    entries: torch.Tensor  # (B, n, d) compressed, normalised, rotated (a view into `store` when decoding)
     overlap_kv: torch.Tensor | None = None  # CSA: (B, m, d) series Ca of the last full window
     overlap_gate: torch.Tensor | None = None  # its gate logits, position bias included
+    store: _RowStore | None = None  # decode: the growable buffer behind `entries`
 
 
 @dataclass
@@ -137,7 +169,7 @@ class Compressor(nn.Module):
         first = state.entries.shape[1]
         pos = (torch.arange(first, first + nw, device=x.device)) * m
         cos, sin = rope_tables(pos, self.rope_dim, self.rope)
-        new.entries = torch.cat([state.entries, rope_tail(entries, cos, sin)], 1)
+        new.entries, new.store = _RowStore.append(state.entries, state.store, rope_tail(entries, cos, sin))
         return new
 
 

@@ -100,3 +100,24 @@ def test_bad_v4_configs_raise():
         cfg.replace(**{"v4.o_groups": 3})
     with pytest.raises(ValueError, match="sqrtsoftplus"):
         get_preset("tiny").replace(**{"moe.scoring_func": "sqrtsoftplus"})
+
+
+@torch.no_grad()
+def test_compressed_entries_grow_in_place_and_branches_stay_independent():
+    from moeforge.model.v4_attention import _RowStore
+
+    base = torch.randn(2, 3, 4)
+    e1, store = _RowStore.append(base, None, torch.ones(2, 1, 4))
+    e2, store2 = _RowStore.append(e1, store, 2 * torch.ones(2, 2, 4))
+    assert store2 is store and e2.data_ptr() == e1.data_ptr()  # appended in place, no copy
+    torch.testing.assert_close(e2[:, :3], base)
+    # continuing from the older state again must not overwrite what e2 sees
+    e2b, store3 = _RowStore.append(e1, store, 5 * torch.ones(2, 1, 4))
+    assert store3 is not store
+    assert torch.equal(e2[:, 3:], torch.cat([torch.ones(2, 1, 4), 2 * torch.ones(2, 2, 4)], 1))
+    assert torch.equal(e2b[:, :4], e1) and torch.equal(e2b[:, 4:], 5 * torch.ones(2, 1, 4))
+    # with autograd on, plain concatenation (training keeps a simple graph)
+    with torch.enable_grad():
+        x = torch.randn(1, 2, 4, requires_grad=True)
+        out, st = _RowStore.append(torch.zeros(1, 0, 4), None, x)
+        assert st is None and out.requires_grad
