@@ -33,6 +33,7 @@ import os
 from dataclasses import replace
 
 import torch
+from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
@@ -42,7 +43,6 @@ from moeforge.infer.cache import LatentCache
 from moeforge.model.layers import RotaryEmbedding
 from moeforge.model.mla import MLA
 from moeforge.model.v4_attention import V4Attention, V4LayerCache
-from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 
 V4_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
             "hca": "heavily_compressed_attention"}

@@ -532,6 +532,6 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 # DeepSeek-V4 helpers live beside this file (imported last: they use the classes above)
-from moeforge.config_v4 import V4_PRESETS  # noqa: E402
+from moeforge.config_v4 import V4_PRESETS
 
 PRESETS.update(V4_PRESETS)

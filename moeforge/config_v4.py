@@ -19,7 +19,8 @@ the per-layer schedules and YaRN settings (docs/v4.md lists which is which).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from moeforge.config import (
     V4_ATTENTION_TYPES,

@@ -61,7 +61,7 @@ def init(device: torch.device, ep: int) -> tuple[ParallelDims, dist.ProcessGroup
     """
     if not dist.is_initialized():
         if device.type != "cpu" and hasattr(torch, "accelerator"):
-            torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend_for(device))
     dims = ParallelDims(dist.get_world_size(), ep)
     rank = dist.get_rank()

@@ -55,7 +55,7 @@ class TrainConfig:
     ep: int = 1  # expert-parallel ranks (under torchrun; world = dp_shard x ep)
     threads: int | None = None  # CPU threads (torch.set_num_threads)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"invalid training config: {msg}")
@@ -80,7 +80,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

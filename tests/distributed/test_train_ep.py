@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_expert_parallel import close, free_port
 from torch.distributed.tensor import DTensor
 
 from moeforge.config import get_preset
 from moeforge.data import DataConfig
 from moeforge.train.config import TrainConfig
-
-from test_expert_parallel import close, free_port
 
 pytestmark = pytest.mark.distributed
 

@@ -14,7 +14,7 @@ from moeforge.cli import main
 from moeforge.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, DeepseekV4Config, DeepseekV4ForCausalLM
 
 LAYERS = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
           "compressed_sparse_attention"]

@@ -1,5 +1,6 @@
 """A live server on loopback, driven with the official `openai` client."""
 
+import http.client
 import json
 import signal
 import socket
@@ -7,22 +8,21 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-import http.client
-import urllib.parse
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-import uvicorn  # noqa: E402
+import uvicorn
 
-from moeforge.config import get_preset  # noqa: E402
-from moeforge.data.tokenizer import train_tokenizer  # noqa: E402
-from moeforge.model.checkpoint import save_model  # noqa: E402
-from moeforge.model.transformer import Transformer  # noqa: E402
-from moeforge.serve.app import load_server  # noqa: E402
+from moeforge.config import get_preset
+from moeforge.data.tokenizer import train_tokenizer
+from moeforge.model.checkpoint import save_model
+from moeforge.model.transformer import Transformer
+from moeforge.serve.app import load_server
 
 KEY = "sk-test"
 
