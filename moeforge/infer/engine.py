@@ -90,6 +90,7 @@ class Request:
     draft_probs: torch.Tensor | None = None  # (V,) the draft distribution (temperature > 0)
     emitted: int = 0  # characters of `text` already streamed
     state: list | None = None  # DeepSeek-V4: this request's per-layer V4LayerCache list
+    mtp_state: object = None  # DeepSeek-V4 speculation: the MTP block's V4LayerCache
 
     @property
     def finished(self) -> bool:
@@ -140,9 +141,8 @@ class Engine:
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with MTP modules (mtp.num_layers >= 1)")
         self.v4 = cfg.v4 is not None
-        if self.v4 and (speculative or compile):
-            raise ValueError("speculative decoding and compile are not available for DeepSeek-V4 models yet; "
-                             "drop --speculative / --compile")
+        if self.v4 and compile:
+            raise ValueError("compile is not available for DeepSeek-V4 models yet; drop --compile")
         self.speculative = speculative
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
@@ -291,7 +291,7 @@ class Engine:
             for c in self._caches():
                 c.clear(len(self.active))
             req.slot = -1
-            req.state = None
+            req.state = req.mtp_state = None
 
     def _caches(self) -> list[LatentCache]:
         return [c for c in (self.cache, self.mtp_cache) if c is not None]
@@ -345,11 +345,12 @@ class Engine:
             self.active += rows
             for i, req in enumerate(self.active):
                 req.slot = i
-            logits = []
+            logits, hidden = [], []
             for req in rows:
                 out = self.model(torch.tensor([req.prompt], device=self.device), mtp=False, return_cache=True)
                 req.state = out.cache
                 logits.append(out.logits[:, -1])
+                hidden.append(out.hidden)
             logits = torch.cat(logits)
             self.stats.prefill_tokens += sum(len(r.prompt) for r in rows)
         else:
@@ -363,6 +364,12 @@ class Engine:
         for req, tok in zip(rows, tokens):
             req.pending = tok
             self._append(req, tok)
+        if prefill and self.speculative:
+            from moeforge.infer.speculative import v4_draft
+
+            for req, h in zip(rows, hidden):  # MTP position i reads main state i and token i+1
+                nxt = torch.tensor([req.prompt[1:] + [req.pending]], device=self.device)
+                v4_draft(self, [req], h, nxt)
 
     def _decode(self, rows: list[Request]) -> None:
         if self.v4:

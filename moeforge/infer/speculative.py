@@ -63,6 +63,11 @@ def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor
     else:
         logits = mtp_logits(engine.model, next_ids, hidden, pos, writer, last, absorbed=False)
     engine.mtp_cache.commit(lo, counts)
+    _set_drafts(rows, logits)
+
+
+def _set_drafts(rows: list[Request], logits: torch.Tensor) -> None:
+    """Draft each row's next token from its MTP logits (B, V): argmax, or a sample from q."""
     greedy = logits.argmax(-1).tolist()
     for i, req in enumerate(rows):
         p = req.params
@@ -72,6 +77,17 @@ def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor
             req.draft_probs = q[0]
         else:
             req.draft, req.draft_probs = greedy[i], None
+
+
+def v4_draft(engine: Engine, rows: list[Request], hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
+    """DeepSeek-V4: run the first MTP module over T new positions per row (each row's own MTP cache,
+    `Request.mtp_state`) and draft from the last one. hidden (B, T, D): main states; next_ids (B, T)."""
+    model = engine.model
+    module = model.mtp[0]
+    h, caches, _ = module.step(model.embed_tokens(next_ids), hidden, next_ids, [r.mtp_state for r in rows])
+    for req, c in zip(rows, caches):
+        req.mtp_state = c
+    _set_drafts(rows, model.lm_head(module.norm(h[:, -1])))
 
 
 def _accept(req: Request, logits: torch.Tensor) -> list[int]:
@@ -92,8 +108,42 @@ def _accept(req: Request, logits: torch.Tensor) -> list[int]:
     return [int(torch.multinomial(residual.unsqueeze(0), 1, generator=req.generator))]
 
 
+def _v4_speculative_step(engine: Engine, rows: list[Request]) -> None:
+    """DeepSeek-V4: verify [pending, draft] for all rows in one forward over their own caches. V4 caches
+    cannot drop a token, so a row that rejects its draft re-runs its pending token from the previous
+    cache (the old cache objects are left intact by a forward)."""
+    model = engine.model
+    layers = range(len(rows[0].state))
+    ids = torch.tensor([[r.pending, r.draft] for r in rows], device=engine.device)  # (B, 2)
+    out = model(ids, cache=[[r.state[i] for r in rows] for i in layers], mtp=False, return_cache=True)
+    kept = [_accept(r, out.logits[i]) for i, r in enumerate(rows)]
+    for j, r in enumerate(rows):
+        if len(kept[j]) == 2:
+            r.state = [layer[j] for layer in out.cache]
+    rerun = [r for r, k in zip(rows, kept) if len(k) == 1]
+    if rerun:
+        ids1 = torch.tensor([[r.pending] for r in rerun], device=engine.device)
+        o1 = model(ids1, cache=[[r.state[i] for r in rerun] for i in layers], mtp=False, return_cache=True)
+        for j, r in enumerate(rerun):
+            r.state = [layer[j] for layer in o1.cache]
+    engine.stats.drafted[0] += len(rows)
+    engine.stats.accepted[0] += sum(len(k) - 1 for k in kept)
+    for req, k in zip(rows, kept):
+        req.pending = k[-1]
+        for tok in k:
+            engine._append(req, tok)
+    for n in (1, 2):  # MTP: (h_n, d), (h_{n+1}, b) for rows keeping [d, b]; (h_n, t) for rows keeping [t]
+        group = [j for j, k in enumerate(kept) if len(k) == n]
+        if group:
+            nxt = torch.tensor([kept[j] for j in group], device=engine.device)
+            v4_draft(engine, [rows[j] for j in group], out.hidden[group, :n], nxt)
+
+
 def speculative_step(engine: Engine, rows: list[Request]) -> None:
     """One verify-accept-draft step for every active row (slots 0..B-1)."""
+    if engine.v4:
+        _v4_speculative_step(engine, rows)
+        return
     cache = engine.cache
     B = len(rows)
     ids = torch.tensor([[r.pending, r.draft] for r in rows], device=engine.device)  # (B, 2)

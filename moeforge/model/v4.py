@@ -73,9 +73,17 @@ class V4MTPModule(nn.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, emb: torch.Tensor, h_prev: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        h, _, stats = self.step(emb, h_prev, ids)
+        return h, stats
+
+    def step(self, emb: torch.Tensor, h_prev: torch.Tensor, ids: torch.Tensor,
+             cache: V4LayerCache | list[V4LayerCache | None] | None = None
+             ) -> tuple[torch.Tensor, V4LayerCache | list[V4LayerCache], MoEStats]:
+        """As `forward`, continuing the block's attention `cache` (or per-row caches, as in
+        V4Attention.forward): what speculative decoding drafts with. Returns the grown cache too."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        h, _, stats = self.block(h.unsqueeze(2).expand(-1, -1, self.n, -1).contiguous(), ids)
-        return self.hc_head(h), stats
+        h, cache, stats = self.block(h.unsqueeze(2).expand(-1, -1, self.n, -1).contiguous(), ids, cache)
+        return self.hc_head(h), cache, stats
 
 
 class V4Transformer(nn.Module):

@@ -67,12 +67,38 @@ def test_per_row_caches_equal_separate_forwards(model):
     assert [c.length for c in out.cache[0]] == [len(p) + 1 for p in PROMPTS]
 
 
+def test_v4_speculative_greedy_equals_plain_greedy(model, monkeypatch):
+    from moeforge.infer import speculative
+
+    plain = [r.output for r in Engine(model, max_batch=3).generate(PROMPTS, GREEDY)]
+    eng = Engine(model, max_batch=3, speculative=True)
+    assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
+    # oracle drafts for some rows exercise the accept path and the mixed (1 and 2 kept) MTP groups
+    orig = speculative.v4_draft
+
+    def oracle(engine, rows, *args):
+        orig(engine, rows, *args)
+        for r in rows:
+            i = PROMPTS.index(r.prompt)
+            if i != 1 and len(r.output) < len(plain[i]):
+                r.draft = plain[i][len(r.output)]
+
+    monkeypatch.setattr(speculative, "v4_draft", oracle)
+    eng = Engine(model, max_batch=2, speculative=True)
+    assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
+    assert 0.3 < eng.stats.acceptance_rate[0] < 1.0
+    assert eng.stats.generated_tokens == sum(map(len, plain))
+
+
 def test_v4_engine_seeded_sampling_and_refusals(model):
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=3)
     alone = Engine(model, max_batch=1).generate([PROMPTS[0]], params)[0].output
     together = Engine(model, max_batch=3).generate(PROMPTS, [params] * 3)[0].output
     assert alone == together
     with pytest.raises(ValueError, match="not available for DeepSeek-V4"):
-        Engine(model, speculative=True)
-    with pytest.raises(ValueError, match="not available for DeepSeek-V4"):
         Engine(model, compile=True)
+    # sampled speculation: a seeded request gives the same tokens alone and batched
+    spec = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=5)
+    one = Engine(model, max_batch=1, speculative=True).generate([PROMPTS[2]], spec)[0].output
+    many = Engine(model, max_batch=3, speculative=True).generate(PROMPTS, [spec] * 3)[2].output
+    assert len(one) == 10 and one == many
