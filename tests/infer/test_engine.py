@@ -145,26 +145,11 @@ def test_stop_strings_and_eos():
 
 
 # ----------------------------------------------------------------- speculation
-def test_speculative_greedy_equals_plain_greedy(model, monkeypatch):
+def test_speculative_greedy_equals_plain_greedy(model, speculate_with_oracle):
     plain = [r.output for r in Engine(model, max_batch=4).generate(PROMPTS, GREEDY)]
     eng = Engine(model, max_batch=4, speculative=True)
     assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
-    # an oracle draft for some rows exercises the accept path (a random MTP head rarely guesses right)
-    orig = speculative.mtp_draft
-
-    def oracle(engine, rows, *args, **kw):
-        orig(engine, rows, *args, **kw)
-        for r in rows:
-            i = PROMPTS.index(r.prompt)
-            n = len(r.output)  # index in the plain output of the token after `pending` (output[-1])
-            if i % 2 == 0 and n < len(plain[i]):
-                r.draft = plain[i][n]
-
-    monkeypatch.setattr(speculative, "mtp_draft", oracle)
-    eng = Engine(model, max_batch=2, speculative=True)
-    assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
-    assert 0.3 < eng.stats.acceptance_rate[0] < 1.0
-    assert eng.stats.generated_tokens == sum(map(len, plain))
+    speculate_with_oracle(model, PROMPTS, GREEDY, plain, "mtp_draft", lambda i: i % 2 == 0)
 
 
 def test_warm_up_leaves_a_clean_engine(model):
