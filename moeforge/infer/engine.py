@@ -15,10 +15,11 @@ single-threaded; the server drives it from one worker thread (moeforge/serve).
 
 DeepSeek-V4 models (`cfg.v4`) keep their own per-layer caches (window, compressed entries,
 indexer keys, compressor state: moeforge.model.v4_attention), whose compression steps fall at
-each sequence's own positions. The engine holds one such cache per request and runs each
-active request's forward in turn within a step: scheduling, sampling, stop handling and
-streaming are shared with the V3 path, but V4 rows are not batched into one forward (and
-`speculative` / `compile` are V3-only for now).
+each sequence's own positions. The engine holds one such cache per request, prefills new
+requests one by one, and decodes all active rows in one forward in which only attention runs
+per row over that row's cache (projections, mHC, MoE and the head are batched). Scheduling,
+sampling, stop handling, streaming and MTP speculation (moeforge/infer/speculative.py) are
+shared with the V3 path; `compile` is V3-only for now.
 
 Sampling is done per row with the request's own `torch.Generator` (seeded from
 `SamplingParams.seed`), so a request's output does not depend on what it was batched with.
@@ -167,7 +168,6 @@ class Engine:
         self._forward_fn = torch.compile(self._forward) if compile else self._forward
         self._mtp_fn = torch.compile(mtp_logits) if compile else mtp_logits
         self.stats = EngineStats(drafted=[0] if speculative else [], accepted=[0] if speculative else [])
-        self._hold = 0
 
     # ---------------------------------------------------------------- requests
     def submit(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None,
