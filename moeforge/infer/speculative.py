@@ -19,6 +19,11 @@ Each step therefore costs one main forward of 2 tokens plus one MTP block forwar
 1 + a tokens. Only the first MTP module drafts (depth 1, as in DeepSeek-V3); the engine
 reports the acceptance rate per draft position (`EngineStats.acceptance_rate`).
 
+DeepSeek-V4 (`_v4_speculative_step`, `v4_draft`): the same rule over per-request V4 caches. A V4
+cache cannot drop its last token, so a row that rejects its draft re-runs x_n alone from the
+cache it had before the verify forward (a forward never modifies the cache it was given), and the
+MTP module keeps its own per-request cache (`Request.mtp_state`).
+
 Shapes: B rows, T tokens, D hidden, V vocab.
 """
 
