@@ -21,7 +21,7 @@ reports the acceptance rate per draft position (`EngineStats.acceptance_rate`).
 
 DeepSeek-V4 (`_v4_speculative_step`, `v4_draft`): the same rule over per-request V4 caches. A V4
 cache cannot drop its last token, so a row that rejects its draft re-runs x_n alone from the
-cache it had before the verify forward (a forward never modifies the cache it was given), and the
+cache it had before the verify forward (a forward leaves the cache it was given as it was), and the
 MTP module keeps its own per-request cache (`Request.mtp_state`).
 
 Shapes: B rows, T tokens, D hidden, V vocab.
