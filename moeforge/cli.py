@@ -222,7 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                      max_len=args.max_len, speculative=args.speculative, compile=args.compile, api_key=args.api_key,
+                      max_len=args.max_len, speculative=args.speculative, compile=args.compile,
+                      prefill_chunk=args.prefill_chunk or None, api_key=args.api_key,
                       model_name=args.model_name, max_concurrent=args.max_concurrent)
     print(f"moeforge: serving {args.ckpt} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -303,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     srv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     srv.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step (compiled at the first requests, then faster)")
+                     help="torch.compile the decode step (compiled before the server starts listening)")
+    srv.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                     help="prompt tokens prefilled per engine step, so long prompts do not stall running "
+                          "streams (default 512; 0 = whole prompts at once)")
     srv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     srv.add_argument("--device", default=None)
     srv.add_argument("--log-level", default="info")

@@ -4,8 +4,11 @@ continuous batching, optional MTP self-speculative decoding.
 `Engine.submit` queues a request (from any thread: it only appends to an inbox); each
 `Engine.step()`:
   1. moves the inbox into the waiting queue and drops cancelled requests (their slot is freed at once),
-  2. admits waiting requests into free slots and prefills them together (right-padded,
-     naive MLA path, per-sequence positions), sampling each one's first token,
+  2. admits waiting requests into free slots and caches the next chunk of the prompts being
+     prefilled: up to `prefill_chunk` tokens in all, from the front of the queue, in one
+     right-padded forward (naive MLA path, per-sequence positions). A request whose prompt is
+     complete samples its first token and joins the decoding rows, so a long prompt costs the
+     running sequences a chunk per step instead of its whole prefill at once,
   3. runs one decode step for every active sequence: one new token each with the
      absorbed path (or, with speculation, one verify forward of pending + draft tokens;
      moeforge/infer/speculative.py),
@@ -90,6 +93,7 @@ class Request:
     draft: int = -1  # MTP draft for the token after `pending`
     draft_probs: torch.Tensor | None = None  # (V,) the draft distribution (temperature > 0)
     emitted: int = 0  # characters of `text` already streamed
+    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     state: list | None = None  # DeepSeek-V4: this request's per-layer V4LayerCache list
     mtp_state: object = None  # DeepSeek-V4 speculation: the MTP block's V4LayerCache
 
@@ -130,11 +134,16 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer | nn.Module, max_batch: int = 8, max_len: int | None = None, tokenizer=None,
-                 speculative: bool = False, compile: bool = False):
+                 speculative: bool = False, compile: bool = False, prefill_chunk: int | None = 512):
         """`tokenizer`: an HF `tokenizers.Tokenizer` (needed for stop strings and `Request.text`).
-        `compile`: run the decode step through `torch.compile` (Inductor; compiled on first use)."""
+        `compile`: run the decode step through `torch.compile` (Inductor; compiled on first use).
+        `prefill_chunk`: prompt tokens prefilled per step (V3 family), so a long prompt does not stall
+        the running sequences for its whole prefill; None prefills every admitted prompt at once."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         cfg = model.cfg
         self.model, self.cfg, self.tokenizer = model.eval(), cfg, tokenizer
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -157,7 +166,8 @@ class Engine:
             if speculative:
                 self.mtp_cache = LatentCache(1, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
                                              self.device, self.dtype)
-        self.active: list[Request] = []  # active[i].slot == i
+        self.active: list[Request] = []  # decoding: active[i].slot == i
+        self.prefilling: list[Request] = []  # admitted, prompt still being cached: slots after the active ones
         self.waiting: deque[Request] = deque()
         self.inbox: deque[Request] = deque()  # submitted, not yet seen by step(): safe to append from any thread
         from moeforge.infer.speculative import mtp_logits
@@ -198,7 +208,12 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting or self.inbox)
+        return bool(self.active or self.prefilling or self.waiting or self.inbox)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a batch slot (decoding or being prefilled)."""
+        return len(self.active) + len(self.prefilling)
 
     @property
     def queued(self) -> int:
@@ -245,17 +260,25 @@ class Engine:
             self.waiting.remove(req)
             req.finish_reason = "cancelled"
             changed.append(req)
-        for req in self.active:
+        for req in self.active + self.prefilling:
             if req.cancelled and not req.finished:
                 req.finish_reason = "cancelled"
                 changed.append(req)
         self._retire()
         new: list[Request] = []
-        while self.waiting and len(self.active) + len(new) < self.max_batch:
+        while self.waiting and self.running + len(new) < self.max_batch:
             new.append(self.waiting.popleft())
-        if new:
-            self._prefill(new)
-            changed += new
+        if self.v4:
+            if new:
+                self._step_v4(new, prefill=True)
+                changed += new
+        else:
+            for req in new:
+                req.slot, req.prefilled = self.running, 0
+                for c in self._caches():
+                    c.clear(req.slot)
+                self.prefilling.append(req)
+            changed += self._prefill_step()
         self._retire()
         if self.active:
             rows = list(self.active)
@@ -275,63 +298,105 @@ class Engine:
         return changed
 
     def _retire(self) -> None:
-        """Free the slots of finished requests, moving the last active slot into each hole."""
+        """Free the slots of finished requests. Decoding rows stay a contiguous prefix of the slots and
+        the rows being prefilled follow them: a hole is filled by moving the region's last row into it."""
         i = 0
         while i < len(self.active):
             req = self.active[i]
             if not req.finished:
                 i += 1
                 continue
-            last = self.active.pop()
-            if last is not req:
-                for c in self._caches():
-                    c.move(last.slot, req.slot)
-                last.slot = req.slot
-                self.active[i] = last
+            self._fill_hole(self.active, i)
+            if self.prefilling:  # the decoding region shrank by one: its old last slot goes to a prefilling row
+                p = self.prefilling.pop()
+                self._move(p, len(self.active))
+                self.prefilling.insert(0, p)
+            self._release(req)
+        i = 0
+        while i < len(self.prefilling):
+            req = self.prefilling[i]
+            if not req.finished:
+                i += 1
+                continue
+            self._fill_hole(self.prefilling, i)
+            self._release(req)
+
+    def _fill_hole(self, rows: list[Request], i: int) -> None:
+        """Take rows[i] out, moving rows' last request into its slot and list position."""
+        req, last = rows[i], rows.pop()
+        if last is not req:
+            self._move(last, req.slot)
+            rows[i] = last
+
+    def _move(self, req: Request, slot: int) -> None:
+        if req.slot != slot:
             for c in self._caches():
-                c.clear(len(self.active))
-            req.slot = -1
-            req.state = req.mtp_state = None
+                c.move(req.slot, slot)
+            req.slot = slot
+
+    def _release(self, req: Request) -> None:
+        for c in self._caches():
+            c.clear(self.running)  # the slot past the occupied ones is free now
+        req.slot = -1
+        req.state = req.mtp_state = None
 
     def _caches(self) -> list[LatentCache]:
         return [c for c in (self.cache, self.mtp_cache) if c is not None]
 
-    def _prefill(self, new: list[Request]) -> None:
-        if self.v4:
-            self._step_v4(new, prefill=True)
-            return
-        lo = len(self.active)
-        for i, req in enumerate(new):
-            req.slot = lo + i
-            for c in self._caches():
-                c.clear(req.slot)
-        self.active += new
-        hi = len(self.active)
-        lens = [len(r.prompt) for r in new]
-        T = max(lens)
-        ids = torch.zeros(len(new), T, dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, : lens[i]] = torch.tensor(r.prompt)
-        ids = ids.to(self.device)
-        pos = self.cache.positions(lo, hi)
-        out = self.model(ids, start_pos=pos, cache=self.cache.step(lo, hi, T), mtp=False, logits=False)
-        self.cache.commit(lo, lens)
-        last = torch.tensor(lens, device=self.device) - 1
-        rows = torch.arange(len(new), device=self.device)
-        logits = self.model.lm_head(out.hidden[rows, last])  # (B, V)
-        tokens = self.sample(logits, new)
-        self.stats.prefill_tokens += sum(lens)
-        for req, tok in zip(new, tokens):
-            req.pending = tok
-            self._append(req, tok)
-        if self.speculative:
-            from moeforge.infer.speculative import mtp_draft
+    def _prefill_step(self) -> list[Request]:
+        """Cache the next prompt chunk of the rows being prefilled: the front run of them, up to
+        `prefill_chunk` tokens in all, in one right-padded forward (naive MLA path, per-row positions).
+        A row whose prompt is complete samples its first token; complete rows at the front join the
+        decoding rows. Returns the rows that got their first token."""
+        budget = self.prefill_chunk or float("inf")
+        rows: list[Request] = []
+        takes: list[int] = []
+        for req in self.prefilling:
+            left = len(req.prompt) - req.prefilled
+            if left == 0 or budget <= 0:
+                break  # a complete row waits for the rows before it; the chunk budget is spent
+            take = int(min(left, budget))
+            rows.append(req)
+            takes.append(take)
+            budget -= take
+        done: list[Request] = []
+        if rows:
+            lo, hi = rows[0].slot, rows[0].slot + len(rows)
+            T = max(takes)
+            ids = torch.zeros(len(rows), T, dtype=torch.long)
+            for i, (r, n) in enumerate(zip(rows, takes)):
+                ids[i, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
+            ids = ids.to(self.device)
+            pos = self.cache.positions(lo, hi)
+            out = self.model(ids, start_pos=pos, cache=self.cache.step(lo, hi, T), mtp=False, logits=False)
+            self.cache.commit(lo, takes)
+            self.stats.prefill_tokens += sum(takes)
+            for r, n in zip(rows, takes):
+                r.prefilled += n
+            done = [r for r in rows if r.prefilled == len(r.prompt)]
+            if done:
+                idx = [i for i, r in enumerate(rows) if r.prefilled == len(r.prompt)]
+                last = torch.tensor([takes[i] - 1 for i in idx], device=self.device)
+                logits = self.model.lm_head(out.hidden[torch.tensor(idx, device=self.device), last])  # (B, V)
+                for req, tok in zip(done, self.sample(logits, done)):
+                    req.pending = tok
+                    self._append(req, tok)
+            if self.speculative:
+                from moeforge.infer.speculative import mtp_draft
 
-            # MTP position i takes the main hidden state at i and token i+1: the prompt shifted by one + first token
-            nxt = torch.zeros_like(ids)
-            for i, r in enumerate(new):
-                nxt[i, : lens[i]] = torch.tensor(r.prompt[1:] + [r.pending])
-            mtp_draft(self, new, lo, out.hidden, nxt, lens, pos, absorbed=False)
+                # MTP position i takes the main hidden state at i and token i+1: the chunk shifted by one,
+                # ending with the first sampled token once the prompt is complete
+                nxt = torch.zeros_like(ids)
+                for i, (r, n) in enumerate(zip(rows, takes)):
+                    start = r.prefilled - n
+                    follow = r.prompt[start + 1 : r.prefilled + 1]
+                    if r.prefilled == len(r.prompt):
+                        follow = follow + [r.pending]
+                    nxt[i, :n] = torch.tensor(follow)
+                mtp_draft(self, rows, lo, out.hidden, nxt, takes, pos, absorbed=False)
+        while self.prefilling and self.prefilling[0].prefilled == len(self.prefilling[0].prompt):
+            self.active.append(self.prefilling.pop(0))  # its slot is already len(active)
+        return done
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: list) -> tuple[torch.Tensor, torch.Tensor]:
         """T new tokens per row (B, T) over the cache, absorbed MLA -> logits (B, T, V), hidden (B, T, D)."""
@@ -345,6 +410,7 @@ class Engine:
             self.active += rows
             for i, req in enumerate(self.active):
                 req.slot = i
+                req.prefilled = len(req.prompt)
             logits, hidden = [], []
             for req in rows:
                 out = self.model(torch.tensor([req.prompt], device=self.device), mtp=False, return_cache=True)

@@ -41,7 +41,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, template: ChatTemplat
         worker.start()
         yield
         with worker.lock:  # cancel everything in flight, then stop the thread
-            for req in list(engine.active) + list(engine.waiting) + list(engine.inbox):
+            for req in engine.active + engine.prefilling + list(engine.waiting) + list(engine.inbox):
                 req.cancelled = True
         worker.stop()
 
@@ -158,7 +158,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, template: ChatTemplat
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse({"status": "ok", "running": len(engine.active), "waiting": engine.queued})
+        return JSONResponse({"status": "ok", "running": engine.running, "waiting": engine.queued})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -255,7 +255,7 @@ async def _stream(req, queue: asyncio.Queue, info: dict, include_usage: bool, me
 
 def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto", max_batch: int = 8,
                 max_len: int | None = None, speculative: bool = False, compile: bool = False,
-                api_key: str | None = None,
+                prefill_chunk: int | None = 512, api_key: str | None = None,
                 model_name: str | None = None, max_concurrent: int | None = None) -> FastAPI:
     """Load a checkpoint folder (or a run folder's newest checkpoint) and build the app."""
     import torch
@@ -276,7 +276,7 @@ def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto"
     model = load_model(path, device=device, dtype=dtypes[dtype])
     tok = Tokenizer.from_file(str(tok_file))
     engine = Engine(model, max_batch=max_batch, max_len=max_len, tokenizer=tok, speculative=speculative,
-                    compile=compile)
+                    compile=compile, prefill_chunk=prefill_chunk)
     if compile:  # compile now rather than on the first requests
         print("moeforge: compiling the decode step (once; about a minute on a small CPU)...", file=sys.stderr)
         t0 = time.perf_counter()

@@ -52,7 +52,7 @@ class EngineWorker:
 
     @property
     def in_flight(self) -> int:
-        return len(self.engine.active) + self.engine.queued
+        return self.engine.running + self.engine.queued
 
     def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
                queue: asyncio.Queue) -> Request:
@@ -84,11 +84,12 @@ class EngineWorker:
         eng = self.engine
         while eng.inbox:
             eng.waiting.append(eng.inbox.popleft())
-        for req in list(eng.active) + list(eng.waiting):
+        for req in eng.active + eng.prefilling + list(eng.waiting):
             req.finish_reason = "error"
             if req.on_update is not None:
                 req.on_update(req)
         eng.active.clear()
+        eng.prefilling.clear()
         eng.waiting.clear()
         for c in eng._caches():
             c.lengths = [0] * len(c.lengths)
@@ -144,7 +145,7 @@ class Metrics:
         metric("moeforge_time_to_first_token_seconds_count", "counter", "requests with a first token",
                [("", self.ttft_count)])
         metric("moeforge_requests_running", "gauge", "requests in the decode batch",
-               [("", len(self.worker.engine.active))])
+               [("", self.worker.engine.running)])
         metric("moeforge_requests_waiting", "gauge", "requests waiting for a batch slot",
                [("", self.worker.engine.queued)])
         metric("moeforge_decode_steps_total", "counter", "engine decode steps", [("", stats.steps)])

@@ -79,6 +79,51 @@ def test_batched_equals_one_by_one_and_continuous_batching(model):
     assert eng.cache.lengths == [0, 0]  # every slot freed
 
 
+def test_chunked_prefill_equals_whole_prefill(model):
+    """Prompts cached a few tokens per step (also with speculation) give the same tokens; a row that
+    finished its prompt waits behind an unfinished one before it."""
+    whole = [r.output for r in Engine(model, max_batch=4, prefill_chunk=None).generate(PROMPTS, GREEDY)]
+    for batch in (1, 2, 4):
+        eng = Engine(model, max_batch=batch, prefill_chunk=3)
+        assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == whole
+        assert eng.stats.prefill_tokens == sum(map(len, PROMPTS))
+    spec = Engine(model, max_batch=4, prefill_chunk=3, speculative=True)
+    assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == whole
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, prefill_chunk=0)
+
+
+def test_decoding_continues_while_a_long_prompt_is_prefilled(model):
+    long_prompt = [(7 * i) % 290 + 3 for i in range(40)]
+    want = Engine(model, max_batch=1).generate([PROMPTS[0], long_prompt, PROMPTS[2]],
+                                               SamplingParams(max_tokens=30, temperature=0))
+    eng = Engine(model, max_batch=3, prefill_chunk=4)
+    a = eng.submit(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0))
+    while not a.output:  # its 7-token prompt takes two steps at 4 tokens per step
+        eng.step()
+    b = eng.submit(long_prompt, SamplingParams(max_tokens=30, temperature=0))
+    c = eng.submit(PROMPTS[2], SamplingParams(max_tokens=30, temperature=0))
+    while b.prefilled < len(long_prompt):
+        before, was_done = len(a.output), a.finished
+        eng.step()
+        if not was_done:
+            assert len(a.output) == before + 1  # one token per step for the running row, never a stall
+    # a finished while b was still being prefilled: b's cache moved into a's slot
+    assert a.finished and a.output == want[0].output[:6]
+    while eng.has_work:
+        eng.step()
+    assert b.output == want[1].output and c.output == want[2].output
+    assert eng.running == 0 and eng.cache.lengths == [0, 0, 0]
+    # a request cancelled while waiting behind a prompt being prefilled frees its slot
+    d = eng.submit(long_prompt, SamplingParams(max_tokens=5, temperature=0))
+    e = eng.submit(PROMPTS[3], SamplingParams(max_tokens=5, temperature=0))
+    eng.step()
+    eng.cancel(e)
+    while eng.has_work:
+        eng.step()
+    assert d.output == want[1].output[:5] and e.finish_reason == "cancelled" and eng.cache.lengths == [0, 0, 0]
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(model):
     params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in range(4)]
     alone = [Engine(model, max_batch=1).generate([p], sp)[0].output for p, sp in zip(PROMPTS, params)]
