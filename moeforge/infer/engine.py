@@ -18,8 +18,8 @@ single-threaded; the server drives it from one worker thread (moeforge/serve).
 
 DeepSeek-V4 models (`cfg.v4`) keep their own per-layer caches (window, compressed entries,
 indexer keys, compressor state: moeforge.model.v4_attention), whose compression steps fall at
-each sequence's own positions. The engine holds one such cache per request, prefills new
-requests one by one, and decodes all active rows in one forward in which only attention runs
+each sequence's own positions. The engine holds one such cache per request, prefills each
+request's chunk with its own forward, and decodes all active rows in one forward in which only attention runs
 per row over that row's cache (projections, mHC, MoE and the head are batched). Scheduling,
 sampling, stop handling, streaming and MTP speculation (moeforge/infer/speculative.py) are
 shared with the V3 path; `compile` is V3-only for now.
@@ -268,17 +268,12 @@ class Engine:
         new: list[Request] = []
         while self.waiting and self.running + len(new) < self.max_batch:
             new.append(self.waiting.popleft())
-        if self.v4:
-            if new:
-                self._step_v4(new, prefill=True)
-                changed += new
-        else:
-            for req in new:
-                req.slot, req.prefilled = self.running, 0
-                for c in self._caches():
-                    c.clear(req.slot)
-                self.prefilling.append(req)
-            changed += self._prefill_step()
+        for req in new:
+            req.slot, req.prefilled = self.running, 0
+            for c in self._caches():
+                c.clear(req.slot)
+            self.prefilling.append(req)
+        changed += self._prefill_step()
         self._retire()
         if self.active:
             rows = list(self.active)
@@ -345,9 +340,10 @@ class Engine:
 
     def _prefill_step(self) -> list[Request]:
         """Cache the next prompt chunk of the rows being prefilled: the front run of them, up to
-        `prefill_chunk` tokens in all, in one right-padded forward (naive MLA path, per-row positions).
-        A row whose prompt is complete samples its first token; complete rows at the front join the
-        decoding rows. Returns the rows that got their first token."""
+        `prefill_chunk` tokens in all (V3: one right-padded forward, naive MLA path, per-row positions;
+        V4: a forward per row over its own cache). A row whose prompt is complete samples its first
+        token; complete rows at the front join the decoding rows. Returns the rows that got their
+        first token."""
         budget = self.prefill_chunk or float("inf")
         rows: list[Request] = []
         takes: list[int] = []
@@ -359,87 +355,99 @@ class Engine:
             rows.append(req)
             takes.append(take)
             budget -= take
-        done: list[Request] = []
-        if rows:
-            lo, hi = rows[0].slot, rows[0].slot + len(rows)
-            T = max(takes)
-            ids = torch.zeros(len(rows), T, dtype=torch.long)
-            for i, (r, n) in enumerate(zip(rows, takes)):
-                ids[i, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
-            ids = ids.to(self.device)
-            pos = self.cache.positions(lo, hi)
-            out = self.model(ids, start_pos=pos, cache=self.cache.step(lo, hi, T), mtp=False, logits=False)
-            self.cache.commit(lo, takes)
-            self.stats.prefill_tokens += sum(takes)
-            for r, n in zip(rows, takes):
-                r.prefilled += n
-            done = [r for r in rows if r.prefilled == len(r.prompt)]
-            if done:
-                idx = [i for i, r in enumerate(rows) if r.prefilled == len(r.prompt)]
-                last = torch.tensor([takes[i] - 1 for i in idx], device=self.device)
-                logits = self.model.lm_head(out.hidden[torch.tensor(idx, device=self.device), last])  # (B, V)
-                for req, tok in zip(done, self.sample(logits, done)):
-                    req.pending = tok
-                    self._append(req, tok)
-            if self.speculative:
-                from moeforge.infer.speculative import mtp_draft
-
-                # MTP position i takes the main hidden state at i and token i+1: the chunk shifted by one,
-                # ending with the first sampled token once the prompt is complete
-                nxt = torch.zeros_like(ids)
-                for i, (r, n) in enumerate(zip(rows, takes)):
-                    start = r.prefilled - n
-                    follow = r.prompt[start + 1 : r.prefilled + 1]
-                    if r.prefilled == len(r.prompt):
-                        follow = follow + [r.pending]
-                    nxt[i, :n] = torch.tensor(follow)
-                mtp_draft(self, rows, lo, out.hidden, nxt, takes, pos, absorbed=False)
+        if not rows:
+            done: list[Request] = []
+        elif self.v4:
+            done = self._prefill_chunk_v4(rows, takes)
+        else:
+            done = self._prefill_chunk(rows, takes)
         while self.prefilling and self.prefilling[0].prefilled == len(self.prefilling[0].prompt):
             self.active.append(self.prefilling.pop(0))  # its slot is already len(active)
         return done
+
+    def _prefill_chunk(self, rows: list[Request], takes: list[int]) -> list[Request]:
+        """V3 family: rows (consecutive slots) cache their next `takes[i]` prompt tokens in one right-padded
+        forward. Returns the rows whose prompt is now complete (their first token sampled)."""
+        lo, hi = rows[0].slot, rows[0].slot + len(rows)
+        T = max(takes)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, takes)):
+            ids[i, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
+        ids = ids.to(self.device)
+        pos = self.cache.positions(lo, hi)
+        out = self.model(ids, start_pos=pos, cache=self.cache.step(lo, hi, T), mtp=False, logits=False)
+        self.cache.commit(lo, takes)
+        idx = [i for i, (r, n) in enumerate(zip(rows, takes)) if r.prefilled + n == len(r.prompt)]
+        rows_t = torch.tensor(idx, dtype=torch.long, device=self.device)
+        last = torch.tensor([takes[i] - 1 for i in idx], dtype=torch.long, device=self.device)
+        done = self._chunk_done(rows, takes, self.model.lm_head(out.hidden[rows_t, last]))
+        if self.speculative:
+            from moeforge.infer.speculative import mtp_draft
+
+            nxt = torch.zeros_like(ids)
+            for i, (r, n) in enumerate(zip(rows, takes)):
+                nxt[i, :n] = torch.tensor(self._mtp_next(r, n))
+            mtp_draft(self, rows, lo, out.hidden, nxt, takes, pos, absorbed=False)
+        return done
+
+    def _prefill_chunk_v4(self, rows: list[Request], takes: list[int]) -> list[Request]:
+        """DeepSeek-V4: each row continues its own cache with its next `takes[i]` prompt tokens."""
+        hidden, logits = [], []
+        for r, n in zip(rows, takes):
+            ids = torch.tensor([r.prompt[r.prefilled : r.prefilled + n]], device=self.device)
+            out = self.model(ids, start_pos=r.prefilled, cache=r.state, mtp=False, return_cache=True)
+            r.state = out.cache
+            hidden.append(out.hidden)
+            if r.prefilled + n == len(r.prompt):
+                logits.append(out.logits[:, -1])
+        done = self._chunk_done(rows, takes, torch.cat(logits) if logits else None)
+        if self.speculative:
+            from moeforge.infer.speculative import v4_draft
+
+            for r, n, h in zip(rows, takes, hidden):
+                v4_draft(self, [r], h, torch.tensor([self._mtp_next(r, n)], device=self.device))
+        return done
+
+    def _chunk_done(self, rows: list[Request], takes: list[int], logits: torch.Tensor | None) -> list[Request]:
+        """Advance rows past their chunk; rows whose prompt is complete sample their first token from
+        `logits` (one row each, in order)."""
+        self.stats.prefill_tokens += sum(takes)
+        for r, n in zip(rows, takes):
+            r.prefilled += n
+        done = [r for r in rows if r.prefilled == len(r.prompt)]
+        if done:
+            for req, tok in zip(done, self.sample(logits, done)):
+                req.pending = tok
+                self._append(req, tok)
+        return done
+
+    @staticmethod
+    def _mtp_next(r: Request, n: int) -> list[int]:
+        """The tokens following the chunk of n positions just cached for r (MTP position i reads main state
+        i and token i+1): the chunk shifted by one, ending with the first sampled token once complete."""
+        follow = r.prompt[r.prefilled - n + 1 : r.prefilled + 1]
+        return follow + [r.pending] if r.prefilled == len(r.prompt) else follow
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: list) -> tuple[torch.Tensor, torch.Tensor]:
         """T new tokens per row (B, T) over the cache, absorbed MLA -> logits (B, T, V), hidden (B, T, D)."""
         out = self.model(ids, start_pos=pos, cache=cache, absorbed=True, mtp=False, logits=False)
         return self.model.lm_head(out.hidden), out.hidden
 
-    def _step_v4(self, rows: list[Request], prefill: bool) -> None:
-        """DeepSeek-V4. Prefill: one forward per new request (prompts differ in length). Decode: one
-        forward for all rows, attention per row over its own cache (moeforge.model.v4_attention)."""
-        if prefill:
-            self.active += rows
-            for i, req in enumerate(self.active):
-                req.slot = i
-                req.prefilled = len(req.prompt)
-            logits, hidden = [], []
-            for req in rows:
-                out = self.model(torch.tensor([req.prompt], device=self.device), mtp=False, return_cache=True)
-                req.state = out.cache
-                logits.append(out.logits[:, -1])
-                hidden.append(out.hidden)
-            logits = torch.cat(logits)
-            self.stats.prefill_tokens += sum(len(r.prompt) for r in rows)
-        else:
-            ids = torch.tensor([[r.pending] for r in rows], device=self.device)
-            per_row = [[r.state[layer] for r in rows] for layer in range(len(rows[0].state))]
-            out = self.model(ids, cache=per_row, mtp=False, return_cache=True)
-            for i, req in enumerate(rows):
-                req.state = [layer[i] for layer in out.cache]
-            logits = out.logits[:, -1]
-        tokens = self.sample(logits, rows)
-        for req, tok in zip(rows, tokens):
+    def _decode_v4(self, rows: list[Request]) -> None:
+        """DeepSeek-V4: one forward for all rows, attention per row over its own cache
+        (moeforge.model.v4_attention)."""
+        ids = torch.tensor([[r.pending] for r in rows], device=self.device)
+        per_row = [[r.state[layer] for r in rows] for layer in range(len(rows[0].state))]
+        out = self.model(ids, cache=per_row, mtp=False, return_cache=True)
+        for i, req in enumerate(rows):
+            req.state = [layer[i] for layer in out.cache]
+        for req, tok in zip(rows, self.sample(out.logits[:, -1], rows)):
             req.pending = tok
             self._append(req, tok)
-        if prefill and self.speculative:
-            from moeforge.infer.speculative import v4_draft
-
-            for req, h in zip(rows, hidden):  # MTP position i reads main state i and token i+1
-                nxt = torch.tensor([req.prompt[1:] + [req.pending]], device=self.device)
-                v4_draft(self, [req], h, nxt)
 
     def _decode(self, rows: list[Request]) -> None:
         if self.v4:
-            self._step_v4(rows, prefill=False)
+            self._decode_v4(rows)
             return
         n = len(rows)
         ids = torch.tensor([[r.pending] for r in rows], device=self.device)

@@ -51,6 +51,13 @@ def test_v4_engine_matches_recompute_and_batches(model):
     assert all(r.state is None for r in reqs)  # caches released with the slot
 
 
+def test_v4_chunked_prefill_equals_whole_prefill(model):
+    whole = [r.output for r in Engine(model, max_batch=3, prefill_chunk=None).generate(PROMPTS, GREEDY)]
+    assert [r.output for r in Engine(model, max_batch=2, prefill_chunk=3).generate(PROMPTS, GREEDY)] == whole
+    spec = Engine(model, max_batch=3, prefill_chunk=4, speculative=True)
+    assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == whole
+
+
 @torch.no_grad()
 def test_per_row_caches_equal_separate_forwards(model):
     """Rows at different positions in one forward (per-row caches) == each row on its own."""
