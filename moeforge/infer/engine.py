@@ -295,26 +295,20 @@ class Engine:
     def _retire(self) -> None:
         """Free the slots of finished requests. Decoding rows stay a contiguous prefix of the slots and
         the rows being prefilled follow them: a hole is filled by moving the region's last row into it."""
-        i = 0
-        while i < len(self.active):
-            req = self.active[i]
-            if not req.finished:
-                i += 1
-                continue
-            self._fill_hole(self.active, i)
-            if self.prefilling:  # the decoding region shrank by one: its old last slot goes to a prefilling row
-                p = self.prefilling.pop()
-                self._move(p, len(self.active))
-                self.prefilling.insert(0, p)
-            self._release(req)
-        i = 0
-        while i < len(self.prefilling):
-            req = self.prefilling[i]
-            if not req.finished:
-                i += 1
-                continue
-            self._fill_hole(self.prefilling, i)
-            self._release(req)
+        for region in (self.active, self.prefilling):
+            i = 0
+            while i < len(region):
+                req = region[i]
+                if not req.finished:
+                    i += 1
+                    continue
+                self._fill_hole(region, i)
+                if region is self.active and self.prefilling:
+                    # the decoding region shrank by one: its old last slot goes to a prefilling row
+                    p = self.prefilling.pop()
+                    self._move(p, len(self.active))
+                    self.prefilling.insert(0, p)
+                self._release(req)
 
     def _fill_hole(self, rows: list[Request], i: int) -> None:
         """Take rows[i] out, moving rows' last request into its slot and list position."""
