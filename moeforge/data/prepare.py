@@ -238,10 +238,18 @@ def build(
             f"the trained tokenizer has {vocab} tokens, fewer than vocab_size={cfg.vocab_size}: the corpus is too small "
             f"to learn more merges; size the model's vocab_size from tokenizer.get_vocab_size()"
         )
+    total_tokens = counts["train_tokens"] + counts["val_tokens"]
     if counts["val_tokens"] == 0 and cfg.val_fraction > 0:
         notes.append(
             f"the validation split is empty: no document was hashed into val_fraction={cfg.val_fraction} "
             "(too few documents); there will be no validation loss"
+        )
+    elif cfg.val_fraction > 0 and counts["val_tokens"] < cfg.val_fraction / 4 * total_tokens:
+        notes.append(
+            f"the validation split holds only {counts['val_tokens']:,} tokens, "
+            f"{counts['val_tokens'] / total_tokens:.2%} of the corpus against val_fraction={cfg.val_fraction} "
+            "(few documents were read): the validation loss will be noisy; read more data "
+            "(a larger --max-bytes) or raise val_fraction"
         )
     n_bytes = counts["train_bytes"] + counts["val_bytes"]
     stats = {

@@ -154,6 +154,21 @@ def test_tiny_corpus_warns_vocab_and_empty_val(tmp_path):
         next(eval_batches(data.val, 2, 8, 1))
 
 
+def test_a_small_validation_share_warns(tmp_path):
+    val_name = next(f"v{i}.txt" for i in range(200) if is_val(f"v{i}.txt", 0.2))
+    train_names = [n for n in (f"t{i}.txt" for i in range(200)) if not is_val(n, 0.2)][:3]
+    (tmp_path / val_name).write_text("a tiny held out file\n")
+    for n in train_names:
+        (tmp_path / n).write_text("def f(x):\n    return x * 2 + 1\n" * 200)
+    files = [tmp_path / n for n in [val_name, *train_names]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = prepare_data(cfg_for(tmp_path, files, val_fraction=0.2), progress=False)
+    msgs = " ".join(str(w.message) for w in caught)
+    assert 0 < data.stats["val_tokens"] < 0.05 * data.stats["train_tokens"]
+    assert "validation split holds only" in msgs and "noisy" in msgs
+
+
 @pytest.mark.filterwarnings("ignore:the validation split is empty")
 def test_single_val_document_trains_with_an_existing_tokenizer(tmp_path, corpus):
     trained = prepare_data(cfg_for(tmp_path, [corpus]), progress=False)
