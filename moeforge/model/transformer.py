@@ -18,6 +18,7 @@ Shapes: B batch, T tokens, D hidden, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,26 @@ def init_parameters(model: nn.Module, std: float, zeros: tuple[str, ...] = (), o
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias") and not b.is_meta:
             b.zero_()
+
+
+def run_mtp(model: nn.Module, out: ModelOutput, ids: torch.Tensor, h: torch.Tensor, logits: bool,
+            step: Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, MoEStats | None]]
+            ) -> None:
+    """The MTP chain (V3 report section 2.2), shared by the V3 and V4 models: module k reads the previous
+    depth's states at positions 0..T-k-1 with the embeddings of tokens k..T-1. `step(module, emb, h_prev,
+    n, k)` runs one module over its n positions. Appends to out.mtp_hidden / mtp_logits / moe_stats."""
+    T = ids.shape[1]
+    h_prev = h
+    for k, module in enumerate(model.mtp, start=1):
+        n = T - k
+        if n <= 0:
+            break
+        h_prev, s = step(module, model.embed_tokens(ids[:, k:]), h_prev[:, :n], n, k)
+        out.mtp_hidden.append(module.norm(h_prev))
+        if logits:
+            out.mtp_logits.append(model.lm_head(out.mtp_hidden[-1]))
+        if s is not None:
+            out.moe_stats.append(s)
 
 
 class Block(nn.Module):
@@ -144,7 +165,7 @@ class Transformer(nn.Module):
         """
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
-        B, T = ids.shape
+        T = ids.shape[1]
         if isinstance(start_pos, torch.Tensor):  # per-sequence positions (B, T)
             positions = start_pos.to(ids.device).view(-1, 1) + torch.arange(T, device=ids.device)
         else:
@@ -163,15 +184,6 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=self.lm_head(h) if logits else None, hidden=h, moe_stats=stats,
                           cache=new_cache if return_cache else None)
         if mtp and cache is None:
-            h_prev = h
-            for k, module in enumerate(self.mtp, start=1):
-                if T - k <= 0:
-                    break
-                n = T - k
-                h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, :n], cos[..., :n, :], sin[..., :n, :])
-                out.mtp_hidden.append(module.norm(h_prev))
-                if logits:
-                    out.mtp_logits.append(self.lm_head(out.mtp_hidden[-1]))
-                if s is not None:
-                    stats.append(s)
+            run_mtp(self, out, ids, h, logits,
+                    lambda module, emb, h_prev, n, k: module(emb, h_prev, cos[..., :n, :], sin[..., :n, :]))
         return out

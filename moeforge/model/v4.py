@@ -33,7 +33,7 @@ from moeforge.config import ModelConfig
 from moeforge.model.hyper import HyperConnection, HyperHead
 from moeforge.model.layers import RMSNorm
 from moeforge.model.moe import MoE, MoEStats
-from moeforge.model.transformer import ModelOutput, init_parameters
+from moeforge.model.transformer import ModelOutput, init_parameters, run_mtp
 from moeforge.model.v4_attention import V4Attention, V4LayerCache
 
 
@@ -135,7 +135,6 @@ class V4Transformer(nn.Module):
             raise ValueError(f"ids must be an integer tensor of shape (batch, tokens), got {tuple(ids.shape)} {ids.dtype}")
         if cache is not None and not isinstance(cache[0], list) and cache[0].length != start_pos:
             raise ValueError(f"start_pos={start_pos} does not continue the cache, which holds {cache[0].length} tokens")
-        T = ids.shape[1]
         n = self.cfg.v4.hc_mult
         emb = self.embed_tokens(ids)
         h = emb.unsqueeze(2).expand(-1, -1, n, -1).contiguous()
@@ -149,13 +148,5 @@ class V4Transformer(nn.Module):
         out = ModelOutput(logits=self.lm_head(h) if logits else None, hidden=h, moe_stats=stats,
                           cache=new_cache if return_cache else None)
         if mtp and cache is None:
-            h_prev = h
-            for k, module in enumerate(self.mtp, start=1):
-                if T - k <= 0:
-                    break
-                h_prev, s = module(self.embed_tokens(ids[:, k:]), h_prev[:, : T - k], ids[:, k:])
-                out.mtp_hidden.append(module.norm(h_prev))
-                if logits:
-                    out.mtp_logits.append(self.lm_head(out.mtp_hidden[-1]))
-                stats.append(s)
+            run_mtp(self, out, ids, h, logits, lambda module, emb, h_prev, n, k: module(emb, h_prev, ids[:, k:]))
         return out
