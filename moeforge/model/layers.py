@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import RopeConfig, yarn_mscale
+from moeforge.ops.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -98,9 +99,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter, bias=False)
+        self.up_proj = Linear(dim, inter, bias=False)
+        self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -23,6 +23,7 @@ from torch import nn
 
 from moeforge.config import AttentionConfig, yarn_mscale
 from moeforge.model.layers import RMSNorm, apply_rope
+from moeforge.ops.linear import Linear
 
 
 @dataclass
@@ -48,15 +49,15 @@ class MLA(nn.Module):
         self.cfg = cfg
         h, c, r = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, h * cfg.qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden, h * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(hidden, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 as in the reference, not rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, c + r, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, c + r, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(c)
-        self.kv_b_proj = nn.Linear(c, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, hidden, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(c, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(h * cfg.v_head_dim, hidden, bias=cfg.attention_bias)
         self.softmax_scale = cfg.qk_head_dim**-0.5
         rope = cfg.rope
         if rope.type == "yarn" and rope.mscale_all_dim:

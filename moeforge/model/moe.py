@@ -38,6 +38,7 @@ from torch import nn
 from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
 from moeforge.ops.grouped import grouped_linear
+from moeforge.ops.linear import linear
 from moeforge.ops.permute import combine, dispatch
 from moeforge.ops.swiglu import swiglu
 
@@ -61,7 +62,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32
+        logits = linear(x.float(), self.weight.float())  # (N, E) fp32
         scores = _score(logits, cfg.scoring_func)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
@@ -109,7 +110,7 @@ class HashRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> Routing:
         cfg = self.cfg
-        scores = _score(F.linear(x.float(), self.weight.float()), cfg.scoring_func)  # (N, E)
+        scores = _score(linear(x.float(), self.weight.float()), cfg.scoring_func)  # (N, E)
         indices = self.tid2eid[ids.reshape(-1)]
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:

@@ -28,6 +28,7 @@ from moeforge.config import ModelConfig
 from moeforge.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeforge.model.mla import MLA, LatentKV
 from moeforge.model.moe import MoE, MoEStats
+from moeforge.ops.linear import Linear
 
 
 @dataclass
@@ -114,7 +115,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.block = Block(cfg, moe=True, impl=impl)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF/DeepSeek: shared_head.norm
 
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i), impl) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPModule(cfg, impl) for _ in range(cfg.mtp.num_layers))

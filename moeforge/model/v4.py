@@ -35,6 +35,7 @@ from moeforge.model.layers import RMSNorm
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.transformer import ModelOutput, init_parameters, run_mtp
 from moeforge.model.v4_attention import V4Attention, V4LayerCache
+from moeforge.ops.linear import Linear
 
 
 class V4Block(nn.Module):
@@ -67,7 +68,7 @@ class V4MTPModule(nn.Module):
         self.n = v.hc_mult
         self.enorm = RMSNorm(D, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D, bias=False)
         self.block = V4Block(cfg, "sliding_attention", hash_routed=False, impl=impl)
         self.hc_head = HyperHead(D, v.hc_mult, v.hc_eps, cfg.rms_norm_eps)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -99,7 +100,7 @@ class V4Transformer(nn.Module):
             V4Block(cfg, t, m == "hash_moe", impl) for t, m in zip(v.layer_types, v.mlp_layer_types, strict=True))
         self.hc_head = HyperHead(D, v.hc_mult, v.hc_eps, cfg.rms_norm_eps)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(D, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(V4MTPModule(cfg, impl) for _ in range(cfg.mtp.num_layers))

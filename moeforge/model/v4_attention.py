@@ -40,6 +40,7 @@ from torch import nn
 from moeforge.config import ModelConfig, RopeConfig
 from moeforge.model.hyper import unweighted_rms_norm
 from moeforge.model.layers import RMSNorm, rope_inv_freq
+from moeforge.ops.linear import Linear
 
 QUERY_CHUNK = 256
 
@@ -132,8 +133,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.dim, self.rate, self.overlap, self.rope, self.rope_dim = dim, rate, overlap, rope, rope_dim
         width = 2 * dim if overlap else dim
-        self.kv_proj = nn.Linear(hidden, width, bias=False)
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.kv_proj = Linear(hidden, width, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
         self.position_bias = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
         self.kv_norm = RMSNorm(dim, eps)
 
@@ -176,7 +177,7 @@ class Compressor(nn.Module):
 class _Scorer(nn.Module):
     def __init__(self, hidden: int, heads: int):
         super().__init__()
-        self.weights_proj = nn.Linear(hidden, heads, bias=False)
+        self.weights_proj = Linear(hidden, heads, bias=False)
 
 
 class Indexer(Compressor):
@@ -187,7 +188,7 @@ class Indexer(Compressor):
         super().__init__(cfg.hidden_size, v.index_head_dim, v.csa_compress_rate, True, v.compress_rope,
                          v.qk_rope_head_dim, cfg.rms_norm_eps)
         self.heads, self.topk = v.index_n_heads, v.index_topk
-        self.q_b_proj = nn.Linear(cfg.attention.q_lora_rank, v.index_n_heads * v.index_head_dim, bias=False)
+        self.q_b_proj = Linear(cfg.attention.q_lora_rank, v.index_n_heads * v.index_head_dim, bias=False)
         self.scorer = _Scorer(cfg.hidden_size, v.index_n_heads)
 
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
@@ -214,13 +215,13 @@ class V4Attention(nn.Module):
         self.h, self.d, self.groups, self.rope_dim = a.num_heads, v.head_dim, v.o_groups, v.qk_rope_head_dim
         self.rope = a.rope if layer_type == "sliding_attention" else v.compress_rope
         self.eps = cfg.rms_norm_eps
-        self.q_a_proj = nn.Linear(D, a.q_lora_rank, bias=False)
+        self.q_a_proj = Linear(D, a.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(a.q_lora_rank, cfg.rms_norm_eps)
-        self.q_b_proj = nn.Linear(a.q_lora_rank, self.h * self.d, bias=False)
-        self.kv_proj = nn.Linear(D, self.d, bias=False)
+        self.q_b_proj = Linear(a.q_lora_rank, self.h * self.d, bias=False)
+        self.kv_proj = Linear(D, self.d, bias=False)
         self.kv_norm = RMSNorm(self.d, cfg.rms_norm_eps)
-        self.o_a_proj = nn.Linear(self.h * self.d // self.groups, self.groups * v.o_lora_rank, bias=False)
-        self.o_b_proj = nn.Linear(self.groups * v.o_lora_rank, D, bias=False)
+        self.o_a_proj = Linear(self.h * self.d // self.groups, self.groups * v.o_lora_rank, bias=False)
+        self.o_b_proj = Linear(self.groups * v.o_lora_rank, D, bias=False)
         self.sinks = nn.Parameter(torch.empty(self.h, dtype=torch.float32))
         self.compressor: Compressor | None = None
         if layer_type == "heavily_compressed_attention":

@@ -1,0 +1,53 @@
+"""The compiled small-row linear (moeforge.ops.linear) == F.linear, and only kicks in where it should."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeforge.ops.linear import SMALL_ROWS, Linear, linear
+
+
+@pytest.mark.parametrize("rows", [1, 2, SMALL_ROWS, SMALL_ROWS + 1])
+def test_compiled_small_rows_equal_f_linear(rows):
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    x = torch.randn(rows, 1, 64)
+    seen = []
+
+    def fn(x):
+        seen.append(torch.compiler.is_compiling())
+        return lin(x)
+
+    graphs = []
+
+    def capture(gm, example_inputs):  # record the traced graph, run it as is
+        graphs.append(gm.code)
+        return gm.forward
+
+    with torch.no_grad():
+        want = F.linear(x, lin.weight, lin.bias)
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, dynamic=True)(x), want, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        torch.compile(fn, fullgraph=True, dynamic=True, backend=capture)(x)
+    assert seen == [True, True]  # traced inside the compiler each time
+    assert ("linear" in graphs[0]) == (rows > SMALL_ROWS)  # the broadcast form only for few rows
+
+
+def test_small_row_form_is_taken_only_when_compiling_without_grad(monkeypatch):
+    """Outside a compiled graph, or with autograd on, `linear` is F.linear itself (bit-equal, and the
+    broadcast form is never built)."""
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(linear(x, w), real(x, w))
+    assert torch.equal(linear(x, w), real(x, w))
+    assert len(calls) == 2
+
+
+def test_linear_keeps_nn_linear_state_dict():
+    a = Linear(8, 4, bias=False)
+    b = torch.nn.Linear(8, 4, bias=False)
+    b.load_state_dict(a.state_dict())
+    assert list(a.state_dict()) == ["weight"] and isinstance(a, torch.nn.Linear)
