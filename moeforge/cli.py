@@ -224,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                       max_len=args.max_len, speculative=args.speculative, compile=args.compile,
                       prefill_chunk=args.prefill_chunk or None, api_key=args.api_key,
-                      model_name=args.model_name, max_concurrent=args.max_concurrent)
+                      model_name=args.model_name, max_concurrent=args.max_concurrent, threads="auto" if args.threads is None else args.threads)
     print(f"moeforge: serving {args.ckpt} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "streams (default 512; 0 = whole prompts at once)")
     srv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     srv.add_argument("--device", default=None)
+    srv.add_argument("--threads", type=int, default=None,
+                     help="PyTorch CPU threads (default on CPU: all cores but one, left to the HTTP event loop)")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

@@ -238,3 +238,21 @@ def test_serves_a_deepseek_v4_checkpoint(tmp_path):
     finally:
         srv.should_exit = True
         th.join(10)
+
+
+def test_server_thread_setting(ckpt):
+    """`moeforge serve` leaves one core to the event loop on CPU ("auto"); an explicit count is taken
+    as given; a bad one is refused before anything loads."""
+    from moeforge.serve.app import serving_threads
+
+    assert [serving_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+    before = torch.get_num_threads()
+    try:
+        load_server(ckpt, device="cpu", threads="auto")
+        assert torch.get_num_threads() == serving_threads(before)
+        load_server(ckpt, device="cpu", threads=3)
+        assert torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="--threads"):
+            load_server(ckpt, device="cpu", threads=0)
+    finally:
+        torch.set_num_threads(before)
