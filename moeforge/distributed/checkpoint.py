@@ -28,8 +28,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeforge.config import read_json
 from moeforge.distributed.expert_parallel import ExpertParallelExperts
+from moeforge.train.state import SHARDED_MARKER as MARKER
 
-MARKER = ".complete"
 STATE = "trainer_state.json"
 
 

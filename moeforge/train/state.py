@@ -27,6 +27,7 @@ from moeforge.model.transformer import Transformer
 CKPT_DIR = "checkpoints"
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
+SHARDED_MARKER = ".complete"  # moeforge.distributed.checkpoint.MARKER: the folder holds DCP shards
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -81,6 +82,23 @@ def load_checkpoint(path: Path, model: Transformer, optimizers: list[torch.optim
     for opt, sd in zip(optimizers, saved["optimizers"], strict=True):
         opt.load_state_dict(sd)
     return state
+
+
+def check_resume_layout(run_dir: Path, multi_process: bool) -> None:
+    """Refuse to resume a run whose newest checkpoint was written by the other kind of run: a one-process
+    run cannot read a multi-process run's sharded checkpoint, and a multi-process run finding only
+    one-process checkpoints would otherwise start again from step 0 and rotate them away."""
+    found = checkpoints(run_dir)
+    if not found:
+        return
+    sharded = (found[0] / SHARDED_MARKER).is_file()
+    if sharded and not multi_process:
+        raise ValueError(f"{found[0]} is a sharded checkpoint of a multi-process run: resume it with the same "
+                         f"--nproc, or write a one-process checkpoint with `moeforge convert --consolidate "
+                         f"{found[0]} --out DIR`")
+    if multi_process and not sharded:
+        raise ValueError(f"{found[0]} is a one-process checkpoint and a multi-process run cannot resume it: resume "
+                         f"without --nproc, or start the multi-process run in another --out")
 
 
 def resume_latest(run_dir: Path, model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from moeforge.train.balance import load_stats, moe_modules, update_bias
 from moeforge.train.config import TrainConfig
 from moeforge.train.optim import build_optimizers, lr_multiplier, set_lr
 from moeforge.train.plots import METRICS
-from moeforge.train.state import CKPT_DIR, checkpoints, resume_latest, save_checkpoint
+from moeforge.train.state import CKPT_DIR, check_resume_layout, checkpoints, resume_latest, save_checkpoint
 
 RUN_CONFIG = "run_config.json"
 
@@ -152,6 +152,8 @@ class Trainer:
         self.tokens_seen = 0
         self.bad_steps = 0
         self.resumed_from: str | None = None
+        if resume:
+            check_resume_layout(self.out, multi_process=self.parallel is not None)
         if resume and self.parallel is not None:
             from moeforge.distributed.checkpoint import is_sharded, load_sharded
 

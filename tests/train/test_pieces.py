@@ -11,7 +11,8 @@ from moeforge.model.transformer import Transformer
 from moeforge.train.balance import load_stats, moe_modules, update_bias
 from moeforge.train.config import TrainConfig
 from moeforge.train.optim import build_optimizers, lr_multiplier
-from moeforge.train.state import CKPT_DIR, checkpoints, resume_latest, save_checkpoint
+from moeforge.train.state import (CKPT_DIR, SHARDED_MARKER, check_resume_layout, checkpoints, resume_latest,
+                                  save_checkpoint)
 from moeforge.train.trainer import compute_losses
 
 
@@ -93,6 +94,23 @@ def test_checkpoints_keep_last_and_fall_back_past_a_corrupt_one(model, tmp_path)
         state = resume_latest(tmp_path, model, opts)
     assert state["step"] == 2 and model.embed_tokens.weight[0, 0] == 2.0
     assert json.loads((tmp_path / CKPT_DIR / "step_0000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_resume_refuses_the_other_kind_of_checkpoint(model, tmp_path):
+    """A one-process run cannot read a sharded (multi-process) checkpoint, and a multi-process run must not
+    start over next to one-process checkpoints (it would rotate them away): both are refused by name."""
+    check_resume_layout(tmp_path, multi_process=True)  # nothing saved yet: either kind may start
+    opts = build_optimizers(model, TrainConfig())
+    save_checkpoint(tmp_path, 1, model, opts, {"step": 1}, None, keep_last=2)
+    check_resume_layout(tmp_path, multi_process=False)
+    with pytest.raises(ValueError, match="step_0000001 is a one-process checkpoint.*without --nproc"):
+        check_resume_layout(tmp_path, multi_process=True)
+    sharded = tmp_path / CKPT_DIR / "step_0000002"
+    sharded.mkdir()
+    (sharded / SHARDED_MARKER).write_text("")
+    check_resume_layout(tmp_path, multi_process=True)
+    with pytest.raises(ValueError, match="step_0000002 is a sharded checkpoint.*--consolidate"):
+        check_resume_layout(tmp_path, multi_process=False)
 
 
 def test_sampling_filters():

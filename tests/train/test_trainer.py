@@ -109,6 +109,17 @@ def test_run_folder_is_not_overwritten_without_resume(corpus, tmp_path, capsys):
     assert "already has checkpoints; pass --resume" in err and len(err.splitlines()) == 1
 
 
+def test_resume_of_a_sharded_run_in_one_process_is_one_line(corpus, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(_args(corpus, run, tmp_path / "cache", "--steps", "2")) == 0
+    (run / "checkpoints" / "step_0000002" / ".complete").write_text("")  # as a multi-process run marks its shards
+    capsys.readouterr()
+    assert main(_args(corpus, run, tmp_path / "cache", "--steps", "4", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sharded checkpoint of a multi-process run" in err
+    assert (run / "checkpoints" / "step_0000002" / "model.safetensors").is_file()  # nothing was touched
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
