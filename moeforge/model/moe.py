@@ -204,12 +204,12 @@ class MoE(nn.Module):
         E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         expert_of_pair = r.indices.flatten()  # (N*K,)
         order = expert_of_pair.argsort(stable=True)  # pair indices in expert order
-        inv = order.argsort()
+        tok = order // K  # the token of each sorted row
         counts = torch.bincount(expert_of_pair, minlength=E)
         # gate weights travel with the rows and scale the expert activations (fp32 router weights)
-        y_sorted = self.experts(dispatch(flat, order, inv, K), counts, r.weights.flatten()[order])  # (N*K, D)
+        y_sorted = self.experts(dispatch(flat, tok), counts, r.weights.flatten()[order])  # (N*K, D)
         acc = torch.promote_types(flat.dtype, torch.float32)  # sum the K weighted outputs in >= fp32
-        return combine(y_sorted, order, inv, K, acc).to(flat.dtype), counts
+        return combine(y_sorted, tok, flat.shape[0], acc).to(flat.dtype), counts
 
     def _routed_fused(self, flat: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """The same product without sorting or host syncs, for compiled inference on few tokens.
