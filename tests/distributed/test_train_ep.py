@@ -110,12 +110,13 @@ def test_one_step_with_ep2_equals_one_process(tmp_path, world, ep):
         close(ranks[0]["weights"][name], w, name)
 
 
-def _run_worker(rank: int, world: int, port: int, corpus: str, out: str, steps: int, resume: bool) -> None:
+def _run_worker(rank: int, world: int, port: int, corpus: str, out: str, steps: int, resume: bool,
+                ep: int = 2) -> None:
     from moeforge.train.trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    tcfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, dtype="float32", ep=2, samples=0, eval_every=100,
+    tcfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, dtype="float32", ep=ep, samples=0, eval_every=100,
                        ckpt_every=2, threads=1, warmup_steps=1)
     dcfg = DataConfig(paths=[corpus], vocab_size=512, cache_dir=str(Path(out).parent / "cache"), val_fraction=0.2)
     trainer = Trainer(small_cfg(), tcfg, dcfg, out, resume=resume)
@@ -159,3 +160,31 @@ def test_sharded_checkpoint_resume_and_consolidate(tmp_path, world):
         assert torch.equal(w, final["weights"][name]), name  # the same numbers, bit for bit
     with torch.no_grad():
         close(model(torch.arange(40).view(2, 20) % 500).logits, final["logits"], "logits")
+
+
+def test_resume_with_another_ep_size(tmp_path):
+    """A 2-process run with EP=2 resumed as 2 processes with EP=1 (experts FSDP-sharded instead): DCP
+    reshards the expert tensors and optimizer state, and the resumed steps log the uninterrupted run's
+    losses (up to the different reduction order)."""
+    import json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "textwrap.py", "csv.py"):
+        (corpus / name).write_text((stdlib / name).read_text())
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "a"), 4, False, 2), nprocs=2)
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 2, False, 2), nprocs=2)
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 4, True, 1), nprocs=2)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert logged == [1, 2, 3, 4]  # resumed at step 3: steps 1-2 were not trained (logged) again
+    assert sorted(a) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
