@@ -7,8 +7,9 @@ Measures, in one run and one dtype:
      (per-head K and V, measured from its cache after generate);
   3. time per decoded token at 1K and 4K tokens of context, ours vs HF (random weights: the speed
      does not depend on them);
-  4. MTP self-speculative decoding vs plain greedy on a trained checkpoint, eager and compiled:
-     speedup, acceptance, and whether the outputs are identical.
+  4. MTP self-speculative decoding vs plain greedy on a trained checkpoint, eager and compiled, with
+     1, 2 and 3 drafts per step (--draft-tokens): speedup, acceptance per draft position, and whether
+     the outputs are identical.
 
 Compiled engines are built once and reused (their first calls compile, outside the timings).
 
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens decoded per measurement")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3], help="MTP drafts per step to measure")
     args = ap.parse_args()
     # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0 measures without); every candidate runs under it
     print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
@@ -143,30 +145,38 @@ def main() -> None:
              ours=round(ours * 1e3, 2), hf=round(theirs * 1e3, 2), ratio=round(theirs / ours, 2))
     del long_model, long_hf
 
-    # 4. MTP self-speculative decoding on the trained model
+    # 4. MTP self-speculative decoding on the trained model, 1..K drafts per step
     if len(model.mtp):
         prompts = [list(range(10, 42)), [50, 60, 70, 80], list(range(200, 216))]
         for comp in (False, True):
             plain_eng = Engine(model, max_batch=1, max_len=1024, compile=comp)
-            spec_eng = Engine(model, max_batch=1, max_len=1024, compile=comp, speculative=True)
             for p in prompts:  # warm-up (compiles)
                 for m in (16, 48):
-                    ours_greedy(model, p, m, engine=plain_eng), ours_greedy(model, p, m, engine=spec_eng)
-            spec_eng.stats = type(spec_eng.stats)(drafted=[0], accepted=[0])
-            plain_t = spec_t = 0.0
-            same = True
-            for p in prompts:
-                same &= ours_greedy(model, p, n, engine=plain_eng)[0] == ours_greedy(model, p, n, engine=spec_eng)[0]
-                plain_t += timed(lambda: ours_greedy(model, p, n, engine=plain_eng))
-                spec_t += timed(lambda: ours_greedy(model, p, n, engine=spec_eng))
-            emit(rows, metric="mtp_speculative" + ("_compiled" if comp else ""), dtype=args.dtype,
-                 tokens=n * len(prompts), plain_tokens_per_s=round(n * len(prompts) / plain_t, 1),
-                 speculative_tokens_per_s=round(n * len(prompts) / spec_t, 1), speedup=round(plain_t / spec_t, 2),
-                 acceptance_rate=round(spec_eng.stats.acceptance_rate[0], 3), identical_greedy_output=same)
+                    ours_greedy(model, p, m, engine=plain_eng)
+            plain_out = {tuple(p): ours_greedy(model, p, n, engine=plain_eng)[0] for p in prompts}
+            for k in args.draft_tokens:
+                spec_eng = Engine(model, max_batch=1, max_len=1024, compile=comp, speculative=True, draft_tokens=k)
+                for p in prompts:
+                    for m in (16, 48):
+                        ours_greedy(model, p, m, engine=spec_eng)
+                spec_eng.stats = spec_eng._new_stats()
+                plain_t = spec_t = 0.0
+                same = True
+                for p in prompts:  # alternate plain and speculative runs
+                    same &= ours_greedy(model, p, n, engine=spec_eng)[0] == plain_out[tuple(p)]
+                    plain_t += timed(lambda: ours_greedy(model, p, n, engine=plain_eng))
+                    spec_t += timed(lambda: ours_greedy(model, p, n, engine=spec_eng))
+                emit(rows, metric="mtp_speculative" + ("_compiled" if comp else ""), dtype=args.dtype,
+                     draft_tokens=k, tokens=n * len(prompts),
+                     plain_tokens_per_s=round(n * len(prompts) / plain_t, 1),
+                     speculative_tokens_per_s=round(n * len(prompts) / spec_t, 1), speedup=round(plain_t / spec_t, 2),
+                     acceptance_rate=[round(a, 3) for a in spec_eng.stats.acceptance_rate],
+                     identical_greedy_output=same)
 
     print(f"\n{'metric':40s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
     for r in rows:
-        name = r["metric"] + (f"@{r['context']}" if "context" in r else "")
+        name = r["metric"] + (f"@{r['context']}" if "context" in r else "") + (
+            f" k={r['draft_tokens']}" if "draft_tokens" in r else "")
         if "ours" in r:
             ref = r.get("hf", r.get("formula"))
             print(f"{name:40s} {r['ours']:>10} {ref:>10} {r.get('ratio', ''):>7}")

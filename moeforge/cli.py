@@ -198,7 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt is empty after tokenization; give some text with --prompt")
-    engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative, compile=args.compile)
+    engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative, compile=args.compile,
+                    draft_tokens=args.draft_tokens)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     req = engine.submit(ids, params)
@@ -222,7 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                      max_len=args.max_len, speculative=args.speculative, compile=args.compile,
+                      max_len=args.max_len, speculative=args.speculative, draft_tokens=args.draft_tokens,
+                      compile=args.compile,
                       prefill_chunk=args.prefill_chunk or None, api_key=args.api_key,
                       model_name=args.model_name, max_concurrent=args.max_concurrent, threads="auto" if args.threads is None else args.threads)
     print(f"moeforge: serving {args.ckpt} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    gen.add_argument("--draft-tokens", type=int, default=1, metavar="K",
+                     help="with --speculative: tokens the MTP module drafts per step (default 1)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (V3 family; ~20-60 s to compile on a small CPU, then faster)")
     gen.set_defaults(func=cmd_generate)
@@ -303,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests running or waiting before 429 (default 4 x max-batch)")
     srv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     srv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    srv.add_argument("--draft-tokens", type=int, default=1, metavar="K",
+                     help="with --speculative: tokens the MTP module drafts per step (default 1)")
     srv.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (compiled before the server starts listening)")
     srv.add_argument("--prefill-chunk", type=int, default=512, metavar="N",

@@ -90,8 +90,8 @@ class Request:
     # engine state
     slot: int = -1
     pending: int = -1  # sampled, not yet in the cache
-    draft: int = -1  # MTP draft for the token after `pending`
-    draft_probs: torch.Tensor | None = None  # (V,) the draft distribution (temperature > 0)
+    drafts: list[int] = field(default_factory=list)  # MTP drafts for the tokens after `pending`
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # (V,) each draft's distribution (temperature > 0)
     emitted: int = 0  # characters of `text` already streamed
     prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     state: list | None = None  # DeepSeek-V4: this request's per-layer V4LayerCache list
@@ -120,8 +120,8 @@ class EngineStats:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     batch_size_sum: int = 0  # sum over decode steps of the rows decoded
-    drafted: list[int] = field(default_factory=list)  # per draft position
-    accepted: list[int] = field(default_factory=list)
+    drafted: list[int] = field(default_factory=list)  # per draft position: rows that proposed a draft there
+    accepted: list[int] = field(default_factory=list)  # rows that kept it (and so every draft before it)
 
     @property
     def acceptance_rate(self) -> list[float]:
@@ -134,11 +134,13 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer | nn.Module, max_batch: int = 8, max_len: int | None = None, tokenizer=None,
-                 speculative: bool = False, compile: bool = False, prefill_chunk: int | None = 512):
+                 speculative: bool = False, compile: bool = False, prefill_chunk: int | None = 512,
+                 draft_tokens: int = 1):
         """`tokenizer`: an HF `tokenizers.Tokenizer` (needed for stop strings and `Request.text`).
         `compile`: run the decode step through `torch.compile` (Inductor; compiled on first use).
         `prefill_chunk`: prompt tokens prefilled per step (V3 family), so a long prompt does not stall
-        the running sequences for its whole prefill; None prefills every admitted prompt at once."""
+        the running sequences for its whole prefill; None prefills every admitted prompt at once.
+        `draft_tokens`: with `speculative`, tokens the MTP module drafts per step (V3 family; V4: 1)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -150,21 +152,27 @@ class Engine:
         self.max_batch = max_batch
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with MTP modules (mtp.num_layers >= 1)")
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.v4 = cfg.v4 is not None
         if self.v4 and compile:
             raise ValueError("compile is not available for DeepSeek-V4 models yet; drop --compile")
+        if draft_tokens > 1 and self.v4:
+            raise ValueError("DeepSeek-V4 speculation drafts one token; drop --draft-tokens")
         self.speculative = speculative
+        self.draft_tokens = draft_tokens if speculative else 0
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         a = cfg.attention
         self.cache: LatentCache | None = None
         self.mtp_cache: LatentCache | None = None
         if not self.v4:
-            # +1: a verify step writes the draft one position past the last kept token
-            self.cache = LatentCache(cfg.num_layers, max_batch, self.max_len + 1, a.kv_lora_rank,
+            # a verify step writes the drafts past the last kept token, the MTP chain as many positions
+            extra = max(1, self.draft_tokens)
+            self.cache = LatentCache(cfg.num_layers, max_batch, self.max_len + extra, a.kv_lora_rank,
                                      a.qk_rope_head_dim, self.device, self.dtype)
             if speculative:
-                self.mtp_cache = LatentCache(1, max_batch, self.max_len + 1, a.kv_lora_rank, a.qk_rope_head_dim,
+                self.mtp_cache = LatentCache(1, max_batch, self.max_len + extra, a.kv_lora_rank, a.qk_rope_head_dim,
                                              self.device, self.dtype)
         self.active: list[Request] = []  # decoding: active[i].slot == i
         self.prefilling: list[Request] = []  # admitted, prompt still being cached: slots after the active ones
@@ -177,7 +185,10 @@ class Engine:
         # compiles while the context length and batch size first move, then none.
         self._forward_fn = torch.compile(self._forward) if compile else self._forward
         self._mtp_fn = torch.compile(mtp_logits) if compile else mtp_logits
-        self.stats = EngineStats(drafted=[0] if speculative else [], accepted=[0] if speculative else [])
+        self.stats = self._new_stats()
+
+    def _new_stats(self) -> EngineStats:
+        return EngineStats(drafted=[0] * self.draft_tokens, accepted=[0] * self.draft_tokens)
 
     # ---------------------------------------------------------------- requests
     def submit(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -237,7 +248,7 @@ class Engine:
             self.generate([[1] * n], greedy)
         if self.max_batch > 1:
             self.generate([[1] * (2 + i % 3) for i in range(self.max_batch)], greedy)
-        self.stats = EngineStats(drafted=[0] if self.speculative else [], accepted=[0] if self.speculative else [])
+        self.stats = self._new_stats()
 
     def stream(self, prompt: list[int], params: SamplingParams,
                generator: torch.Generator | None = None) -> Iterator[int]:

@@ -1,30 +1,36 @@
 """MTP self-speculative decoding (DeepSeek-V3 report section 2.2, "MTP in inference";
 Leviathan et al. 2023 / Chen et al. 2023 for the rejection rule).
 
-State per sequence of n cached tokens x_0..x_{n-1}: the sampled `pending` token x_n and a
-`draft` for x_{n+1}, which the first MTP module predicted from the main model's hidden
-state at position n-1 and the embedding of x_n. One step:
+State per sequence of n cached tokens x_0..x_{n-1}: the sampled `pending` token x_n and k drafts
+d_1..d_k for x_{n+1}..x_{n+k} (`Engine(draft_tokens=k)`). The first MTP module predicted d_1 from
+the main model's hidden state at position n-1 and the embedding of x_n; each further draft comes
+from the same module run once more on its own output state and the previous draft (the module
+stands in for the main model's state it has not seen yet, as SGLang and vLLM chain DeepSeek-V3's
+single MTP layer). One step:
 
-  verify   the main model reads [x_n, draft] at positions n, n+1 in one forward and gives
-           p_n (distribution of x_{n+1}) and p_{n+1} (of x_{n+2});
-  accept   greedy: the draft is kept iff it is argmax p_n. Sampling: kept with probability
-           min(1, p_n(d) / q(d)) (q: the draft distribution); on rejection x_{n+1} is drawn
-           from max(0, p_n - q) renormalised. Either way x_{n+1} ~ p_n exactly, so the
-           output distribution equals plain decoding's. If kept, a bonus x_{n+2} ~ p_{n+1};
-  update   the main cache keeps a+1 new tokens (a = 1 if accepted); the MTP module reads the
-           main hidden states at those positions with the next tokens, extending its own
-           latent cache, and drafts the following token from the last one.
+  verify   the main model reads [x_n, d_1..d_k] at positions n..n+k in one forward and gives
+           p_n..p_{n+k} (p_{n+i}: the distribution of x_{n+i+1});
+  accept   drafts are checked in order. Greedy: d_i is kept iff it is argmax p_{n+i-1}. Sampling:
+           kept with probability min(1, p(d_i) / q_i(d_i)) (q_i: the distribution d_i was drawn
+           from); the first rejected position is drawn from max(0, p - q_i) renormalised instead,
+           and the step ends there. Either way each kept token ~ p exactly, so the output
+           distribution equals plain decoding's. If all k are kept, a bonus x_{n+k+1} ~ p_{n+k};
+  update   the main cache keeps a+1 new tokens (a drafts accepted); the MTP module reads the main
+           hidden states at those positions with the next tokens, extending its own latent cache
+           (overwriting what the chain wrote there), drafts the next d_1 from the last one, and
+           chains k-1 more positions past its committed length for d_2..d_k.
 
-Each step therefore costs one main forward of 2 tokens plus one MTP block forward and yields
-1 + a tokens. Only the first MTP module drafts (depth 1, as in DeepSeek-V3); the engine
-reports the acceptance rate per draft position (`EngineStats.acceptance_rate`).
+Each step therefore costs one main forward of k+1 tokens plus k MTP block forwards and yields 1 + a
+tokens. Deeper MTP modules (mtp.num_layers > 1) are not used for drafting. The engine reports the
+acceptance rate per draft position (`EngineStats.acceptance_rate`: position i counts a row when it
+kept d_1..d_i).
 
-DeepSeek-V4 (`_v4_speculative_step`, `v4_draft`): the same rule over per-request V4 caches. A V4
-cache cannot drop its last token, so a row that rejects its draft re-runs x_n alone from the
-cache it had before the verify forward (a forward leaves the cache it was given as it was), and the
-MTP module keeps its own per-request cache (`Request.mtp_state`).
+DeepSeek-V4 (`_v4_speculative_step`, `v4_draft`): the same rule with one draft over per-request V4
+caches. A V4 cache cannot drop its last token, so a row that rejects its draft re-runs x_n alone
+from the cache it had before the verify forward (a forward leaves the cache it was given as it
+was), and the MTP module keeps its own per-request cache (`Request.mtp_state`).
 
-Shapes: B rows, T tokens, D hidden, V vocab.
+Shapes: B rows, T tokens, D hidden, V vocab, k drafts.
 """
 
 from __future__ import annotations
@@ -40,48 +46,65 @@ if TYPE_CHECKING:
 
 
 def mtp_logits(model, next_ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, cache, last: torch.Tensor,
-               absorbed: bool = True) -> torch.Tensor:
+               absorbed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The first MTP module over T positions per row, extending its cache -> logits (B, V) at row i's
-    position last[i] (the draft for the token after it)."""
+    position last[i] (the draft for the token after it) and the module's output state there (B, D)."""
     module = model.mtp[0]
     B, T = next_ids.shape
     positions = pos.view(-1, 1) + torch.arange(T, device=pos.device)
     cos, sin = model.rotary(positions)
     h = module.eh_proj(torch.cat([module.enorm(model.embed_tokens(next_ids)), module.hnorm(hidden[:, :T])], dim=-1))
     h, _, _ = module.block(h, cos, sin, cache, absorbed)
-    return model.lm_head(module.norm(h[torch.arange(B, device=h.device), last]))  # (B, V)
+    h = h[torch.arange(B, device=h.device), last]
+    return model.lm_head(module.norm(h)), h
 
 
 def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor, next_ids: torch.Tensor,
               counts: list[int], pos: torch.Tensor, absorbed: bool = True) -> None:
-    """Extend the MTP cache of slots lo.. with `counts[i]` positions and draft each row's next token.
+    """Extend the MTP cache of slots lo.. with `counts[i]` positions and draft each row's next tokens.
 
     hidden (B, T, D): main-model states (after the final norm) at the new positions; next_ids (B, T): the
     token following each position; pos (B,): first new position per row. absorbed=False (prefill) runs
-    eager; absorbed=True (decode) runs the engine's (possibly compiled) function.
+    eager; absorbed=True (decode) runs the engine's (possibly compiled) function. With
+    `engine.draft_tokens` k > 1 the module then runs k-1 more single positions past the committed length
+    (written to the cache, not committed: the next update overwrites them).
     """
     B, T = next_ids.shape
-    writer = engine.mtp_cache.step(lo, lo + B, T)[0]
+    cache = engine.mtp_cache
+    writer = cache.step(lo, lo + B, T)[0]
     last = torch.tensor(counts, device=hidden.device) - 1
     if absorbed:
-        logits = engine._mtp_fn(engine.model, next_ids, hidden, pos, writer, last)
+        logits, h = engine._mtp_fn(engine.model, next_ids, hidden, pos, writer, last)
     else:
-        logits = mtp_logits(engine.model, next_ids, hidden, pos, writer, last, absorbed=False)
-    engine.mtp_cache.commit(lo, counts)
-    _set_drafts(rows, logits)
+        logits, h = mtp_logits(engine.model, next_ids, hidden, pos, writer, last, absorbed=False)
+    cache.commit(lo, counts)
+    for r in rows:
+        r.drafts, r.draft_probs = [], []
+    _add_drafts(rows, logits)
+    extra = engine.draft_tokens - 1
+    if extra <= 0:
+        return
+    zero = torch.zeros(B, dtype=torch.long, device=hidden.device)
+    for _ in range(extra):
+        ids = torch.tensor([[r.drafts[-1]] for r in rows], device=hidden.device)
+        logits, h = engine._mtp_fn(engine.model, ids, h.unsqueeze(1), cache.positions(lo, lo + B),
+                                   cache.step(lo, lo + B, 1)[0], zero)
+        cache.commit(lo, [1] * B)  # so the next chain position attends to this one
+        _add_drafts(rows, logits)
+    cache.commit(lo, [-extra] * B)  # the chain's entries stay uncommitted
 
 
-def _set_drafts(rows: list[Request], logits: torch.Tensor) -> None:
-    """Draft each row's next token from its MTP logits (B, V): argmax, or a sample from q."""
+def _add_drafts(rows: list[Request], logits: torch.Tensor) -> None:
+    """Append each row's next draft from its MTP logits (B, V): argmax, or a sample from q."""
     greedy = logits.argmax(-1).tolist()
     for i, req in enumerate(rows):
         p = req.params
         if p.temperature > 0:
             q = filter_logits(logits[i : i + 1], p.temperature, p.top_k, p.top_p).softmax(-1)
-            req.draft = int(torch.multinomial(q, 1, generator=req.generator))
-            req.draft_probs = q[0]
+            req.drafts.append(int(torch.multinomial(q, 1, generator=req.generator)))
+            req.draft_probs.append(q[0])
         else:
-            req.draft, req.draft_probs = greedy[i], None
+            req.drafts.append(greedy[i])
 
 
 def v4_draft(engine: Engine, rows: list[Request], hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
@@ -92,25 +115,43 @@ def v4_draft(engine: Engine, rows: list[Request], hidden: torch.Tensor, next_ids
     h, caches, _ = module.step(model.embed_tokens(next_ids), hidden, next_ids, [r.mtp_state for r in rows])
     for req, c in zip(rows, caches):
         req.mtp_state = c
-    _set_drafts(rows, model.lm_head(module.norm(h[:, -1])))
+        req.drafts, req.draft_probs = [], []
+    _add_drafts(rows, model.lm_head(module.norm(h[:, -1])))
 
 
 def _accept(req: Request, logits: torch.Tensor) -> list[int]:
-    """logits (2, V) at [pending, draft] -> the tokens this row keeps (1 or 2)."""
+    """logits (k+1, V) at [pending, d_1..d_k] -> the tokens this row keeps (1 to k+1)."""
     p = req.params
+    drafts = req.drafts
     if p.temperature == 0:
         target = logits.argmax(-1).tolist()
-        return [req.draft, target[1]] if target[0] == req.draft else [target[0]]
-    probs = filter_logits(logits, p.temperature, p.top_k, p.top_p).softmax(-1)  # (2, V)
-    pt, q, d = probs[0], req.draft_probs, req.draft
-    u = torch.rand((), generator=req.generator, device=pt.device)
-    if u * q[d] < pt[d]:  # accept with probability min(1, p(d)/q(d))
-        bonus = int(torch.multinomial(probs[1:], 1, generator=req.generator))
-        return [d, bonus]
-    residual = (pt - q).clamp_min(0)
-    if float(residual.sum()) <= 0:
-        residual = pt
-    return [int(torch.multinomial(residual.unsqueeze(0), 1, generator=req.generator))]
+        kept: list[int] = []
+        for i, d in enumerate(drafts):
+            if target[i] != d:
+                return kept + [target[i]]
+            kept.append(d)
+        return kept + [target[len(drafts)]]
+    probs = filter_logits(logits, p.temperature, p.top_k, p.top_p).softmax(-1)  # (k+1, V)
+    kept = []
+    for i, d in enumerate(drafts):
+        pt, q = probs[i], req.draft_probs[i]
+        u = torch.rand((), generator=req.generator, device=pt.device)
+        if u * q[d] < pt[d]:  # accept with probability min(1, p(d)/q(d))
+            kept.append(d)
+            continue
+        residual = (pt - q).clamp_min(0)
+        if float(residual.sum()) <= 0:
+            residual = pt
+        return kept + [int(torch.multinomial(residual.unsqueeze(0), 1, generator=req.generator))]
+    return kept + [int(torch.multinomial(probs[len(drafts)].unsqueeze(0), 1, generator=req.generator))]
+
+
+def _count(engine: Engine, kept: list[list[int]]) -> None:
+    """Acceptance per draft position: every row drafted at each position; position i counts the rows that
+    kept drafts 1..i."""
+    for i in range(len(engine.stats.drafted)):
+        engine.stats.drafted[i] += len(kept)
+        engine.stats.accepted[i] += sum(len(k) - 1 > i for k in kept)
 
 
 def _v4_speculative_step(engine: Engine, rows: list[Request]) -> None:
@@ -119,7 +160,7 @@ def _v4_speculative_step(engine: Engine, rows: list[Request]) -> None:
     cache (the old cache objects are left intact by a forward)."""
     model = engine.model
     layers = range(len(rows[0].state))
-    ids = torch.tensor([[r.pending, r.draft] for r in rows], device=engine.device)  # (B, 2)
+    ids = torch.tensor([[r.pending, *r.drafts] for r in rows], device=engine.device)  # (B, 2)
     out = model(ids, cache=[[r.state[i] for r in rows] for i in layers], mtp=False, return_cache=True)
     kept = [_accept(r, out.logits[i]) for i, r in enumerate(rows)]
     for j, r in enumerate(rows):
@@ -131,8 +172,7 @@ def _v4_speculative_step(engine: Engine, rows: list[Request]) -> None:
         o1 = model(ids1, cache=[[r.state[i] for r in rerun] for i in layers], mtp=False, return_cache=True)
         for j, r in enumerate(rerun):
             r.state = [layer[j] for layer in o1.cache]
-    engine.stats.drafted[0] += len(rows)
-    engine.stats.accepted[0] += sum(len(k) - 1 for k in kept)
+    _count(engine, kept)
     for req, k in zip(rows, kept):
         req.pending = k[-1]
         for tok in k:
@@ -150,23 +190,22 @@ def speculative_step(engine: Engine, rows: list[Request]) -> None:
         _v4_speculative_step(engine, rows)
         return
     cache = engine.cache
-    B = len(rows)
-    ids = torch.tensor([[r.pending, r.draft] for r in rows], device=engine.device)  # (B, 2)
+    B, k = len(rows), engine.draft_tokens
+    ids = torch.tensor([[r.pending, *r.drafts] for r in rows], device=engine.device)  # (B, k+1)
     pos = cache.positions(0, B)
-    logits, hidden = engine._forward_fn(ids, pos, cache.step(0, B, 2))  # (B, 2, V), (B, 2, D)
+    logits, hidden = engine._forward_fn(ids, pos, cache.step(0, B, k + 1))  # (B, k+1, V), (B, k+1, D)
     kept = [_accept(r, logits[i]) for i, r in enumerate(rows)]
-    counts = [len(k) for k in kept]
+    counts = [len(t) for t in kept]
     cache.commit(0, counts)
-    engine.stats.drafted[0] += B
-    engine.stats.accepted[0] += sum(c - 1 for c in counts)
-    # MTP position n+j reads main hidden n+j and token n+j+1: for a row keeping [d, b] that is
-    # (h_n, d), (h_{n+1}, b); for a row keeping [t] only (h_n, t).
+    _count(engine, kept)
+    # MTP position n+j reads main hidden n+j and token n+j+1: for a row keeping t_1..t_m those are
+    # (h_n, t_1) .. (h_{n+m-1}, t_m).
     T = max(counts)
     nxt = torch.zeros(B, T, dtype=torch.long)
-    for i, k in enumerate(kept):
-        nxt[i, : len(k)] = torch.tensor(k)
-    for req, k in zip(rows, kept):
-        req.pending = k[-1]
-        for tok in k:
+    for i, t in enumerate(kept):
+        nxt[i, : len(t)] = torch.tensor(t)
+    for req, t in zip(rows, kept):
+        req.pending = t[-1]
+        for tok in t:
             engine._append(req, tok)
     mtp_draft(engine, rows, 0, hidden, nxt.to(engine.device), counts, pos)

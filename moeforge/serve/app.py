@@ -263,7 +263,7 @@ def serving_threads(cores: int) -> int:
 
 
 def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto", max_batch: int = 8,
-                max_len: int | None = None, speculative: bool = False, compile: bool = False,
+                max_len: int | None = None, speculative: bool = False, draft_tokens: int = 1, compile: bool = False,
                 prefill_chunk: int | None = 512, api_key: str | None = None,
                 model_name: str | None = None, max_concurrent: int | None = None,
                 threads: int | str | None = None) -> FastAPI:
@@ -296,6 +296,7 @@ def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto"
         torch.set_num_threads(threads)
     tok = Tokenizer.from_file(str(tok_file))
     engine = Engine(model, max_batch=max_batch, max_len=max_len, tokenizer=tok, speculative=speculative,
+                    draft_tokens=draft_tokens,
                     compile=compile, prefill_chunk=prefill_chunk)
     if compile:  # compile now rather than on the first requests
         print("moeforge: compiling the decode step (once; about a minute on a small CPU)...", file=sys.stderr)

@@ -190,11 +190,44 @@ def test_stop_strings_and_eos():
 
 
 # ----------------------------------------------------------------- speculation
-def test_speculative_greedy_equals_plain_greedy(model, speculate_with_oracle):
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(model, speculate_with_oracle, k):
+    """k drafts per step: the output equals plain greedy decoding, with the MTP's own drafts and with
+    oracle drafts that are kept (all k of them, then partly at the end of the plain output)."""
     plain = [r.output for r in Engine(model, max_batch=4).generate(PROMPTS, GREEDY)]
-    eng = Engine(model, max_batch=4, speculative=True)
+    eng = Engine(model, max_batch=4, speculative=True, draft_tokens=k)
     assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
-    speculate_with_oracle(model, PROMPTS, GREEDY, plain, "mtp_draft", lambda i: i % 2 == 0)
+    speculate_with_oracle(model, PROMPTS, GREEDY, plain, "mtp_draft", lambda i: i % 2 == 0, draft_tokens=k)
+
+
+def test_chained_drafts_follow_the_mtp_module(model):
+    """Draft 2 is what the MTP module predicts from its own state after draft 1 (the chain), recomputed
+    here without the engine's caches: module over (h_{n-1}, x_n) for all positions -> state m and d_1 at
+    the last; module over (m, d_1) at the next position, attending to those positions and itself -> d_2."""
+    from moeforge.infer.speculative import mtp_logits
+    from moeforge.model.mla import LatentKV
+
+    eng = Engine(model, max_batch=1, speculative=True, draft_tokens=2)
+    req = eng.submit(PROMPTS[1], SamplingParams(max_tokens=20, temperature=0))
+    for _ in range(3):
+        eng.step()
+    seq = torch.tensor([req.prompt + req.output])  # cached tokens, then `pending` (output[-1])
+    n = seq.shape[1] - 1
+    store = [None]
+
+    class Grow:  # an uncached latent store that grows with each call (what the MTP block attends over)
+        def extend(self, latent, k_rope):
+            store[0] = LatentKV(latent, k_rope) if store[0] is None else store[0].extend(latent, k_rope)
+            return store[0]
+
+    with torch.no_grad():
+        h = model(seq).hidden
+        logits, m = mtp_logits(model, seq[:, 1:], h[:, :n], torch.tensor([0]), Grow(), torch.tensor([n - 1]),
+                               absorbed=False)
+        d1 = int(logits.argmax(-1))
+        logits2, _ = mtp_logits(model, torch.tensor([[d1]]), m.unsqueeze(1), torch.tensor([n]), Grow(),
+                                torch.tensor([0]), absorbed=False)
+    assert req.drafts == [d1, int(logits2.argmax(-1))]
 
 
 def test_warm_up_leaves_a_clean_engine(model):
@@ -212,24 +245,29 @@ def test_compiled_decode_equals_eager(model):
     assert [r.output for r in Engine(model, max_batch=4, compile=True).generate(PROMPTS, GREEDY)] == plain
     spec = Engine(model, max_batch=4, speculative=True, compile=True)
     assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == plain
+    spec = Engine(model, max_batch=4, speculative=True, compile=True, draft_tokens=2)
+    assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == plain
 
 
 def test_rejection_sampling_keeps_the_target_distribution():
+    """Two drafts from poor distributions: each kept or resampled token follows the target p at its
+    position (the second position measured over the steps that reached it)."""
     from moeforge.infer.engine import Request
 
     V = 5
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 1.0, 0.0, 2.0, 0.0]])
-    p0, p1 = logits.softmax(-1)
-    q = torch.tensor([0.05, 0.05, 0.6, 0.2, 0.1])  # a poor draft distribution
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 1.0, 0.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.5]])
+    p = logits.softmax(-1)
+    q1 = torch.tensor([0.05, 0.05, 0.6, 0.2, 0.1])
+    q2 = torch.tensor([0.3, 0.1, 0.1, 0.1, 0.4])
     gen = torch.Generator().manual_seed(0)
-    first, second, n = torch.zeros(V), torch.zeros(V), 6000
+    seen, n = torch.zeros(3, V), 8000
     for _ in range(n):
         r = Request([1], SamplingParams(temperature=1.0), generator=gen)
-        r.draft = int(torch.multinomial(q, 1, generator=gen))
-        r.draft_probs = q
-        kept = speculative._accept(r, logits)
-        first[kept[0]] += 1
-        if len(kept) == 2:
-            second[kept[1]] += 1
-    torch.testing.assert_close(first / n, p0, atol=0.025, rtol=0)
-    torch.testing.assert_close(second / second.sum(), p1, atol=0.04, rtol=0)
+        r.drafts = [int(torch.multinomial(q1, 1, generator=gen)), int(torch.multinomial(q2, 1, generator=gen))]
+        r.draft_probs = [q1, q2]
+        for i, tok in enumerate(speculative._accept(r, logits)):
+            seen[i, tok] += 1
+    torch.testing.assert_close(seen[0] / n, p[0], atol=0.025, rtol=0)
+    torch.testing.assert_close(seen[1] / seen[1].sum(), p[1], atol=0.03, rtol=0)
+    torch.testing.assert_close(seen[2] / seen[2].sum(), p[2], atol=0.04, rtol=0)
+    assert seen[2].sum() > 500  # the bonus position was reached often enough to measure
