@@ -1,5 +1,6 @@
 """One training step with EP=2 on 2 gloo processes equals the one-process step on the same global batch."""
 
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -130,23 +131,30 @@ def _run_worker(rank: int, world: int, port: int, corpus: str, out: str, steps: 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])  # 4: dp_shard 2 x ep 2, experts FSDP-sharded too
-def test_sharded_checkpoint_resume_and_consolidate(tmp_path, world):
-    import json
-
-    import moeforge
-    from moeforge.distributed.checkpoint import consolidate, is_sharded
-
+def small_corpus(tmp_path: Path) -> Path:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ("argparse.py", "textwrap.py", "csv.py"):
         (corpus / name).write_text((stdlib / name).read_text())
+    return corpus
 
-    def losses(run):
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
+def train_rows(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in train_rows(run)}
+
+
+@pytest.mark.parametrize("world", [2, 4])  # 4: dp_shard 2 x ep 2, experts FSDP-sharded too
+def test_sharded_checkpoint_resume_and_consolidate(tmp_path, world):
+    import moeforge
+    from moeforge.distributed.checkpoint import consolidate, is_sharded
+
+    corpus = small_corpus(tmp_path)
     mp.spawn(_run_worker, args=(world, free_port(), str(corpus), str(tmp_path / "a"), 4, False), nprocs=world)
     mp.spawn(_run_worker, args=(world, free_port(), str(corpus), str(tmp_path / "b"), 2, False), nprocs=world)
     mp.spawn(_run_worker, args=(world, free_port(), str(corpus), str(tmp_path / "b"), 4, True), nprocs=world)
@@ -166,25 +174,12 @@ def test_resume_with_another_ep_size(tmp_path):
     """A 2-process run with EP=2 resumed as 2 processes with EP=1 (experts FSDP-sharded instead): DCP
     reshards the expert tensors and optimizer state, and the resumed steps log the uninterrupted run's
     losses (up to the different reduction order)."""
-    import json
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "textwrap.py", "csv.py"):
-        (corpus / name).write_text((stdlib / name).read_text())
-
-    def losses(run):
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
-
+    corpus = small_corpus(tmp_path)
     mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "a"), 4, False, 2), nprocs=2)
     mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 2, False, 2), nprocs=2)
     mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 4, True, 1), nprocs=2)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["kind"] == "train"]
-    assert logged == [1, 2, 3, 4]  # resumed at step 3: steps 1-2 were not trained (logged) again
+    assert [r["step"] for r in train_rows(tmp_path / "b")] == [1, 2, 3, 4]  # resumed at step 3: steps 1-2 were not trained (logged) again
     assert sorted(a) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
