@@ -240,14 +240,19 @@ class Engine:
         return reqs
 
     def warm_up(self) -> None:
-        """Run a few short requests so a compiled engine compiles before real traffic: batch 1 at two
-        context lengths (the length becomes a symbolic size), then a full batch of mixed lengths.
-        Resets the statistics afterwards."""
-        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        """Run short requests so a compiled engine compiles before real traffic: batch 1 at two context
+        lengths (the length becomes a symbolic size), then full batches that shrink one row per step down
+        to one, once with prompts of mixed lengths (masked attention) and once of equal lengths (plain
+        causal), so every batch size has met its graph (the compiled graphs split batch sizes into ranges,
+        e.g. up to 4 rows and from 5; a size first met in live traffic would stall it for the compile,
+        15-20 s on the dev CPU). Resets the statistics afterwards."""
         for n in (2, 5):
-            self.generate([[1] * n], greedy)
+            self.generate([[1] * n], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         if self.max_batch > 1:
-            self.generate([[1] * (2 + i % 3) for i in range(self.max_batch)], greedy)
+            for lengths in ([2 + i % 3 for i in range(self.max_batch)], [3] * self.max_batch):
+                self.generate([[1] * n for n in lengths],
+                              [SamplingParams(max_tokens=2 + i, temperature=0, ignore_eos=True)
+                               for i in range(self.max_batch)])
         self.stats = self._new_stats()
 
     def stream(self, prompt: list[int], params: SamplingParams,

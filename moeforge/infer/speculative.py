@@ -199,9 +199,9 @@ def speculative_step(engine: Engine, rows: list[Request]) -> None:
     cache.commit(0, counts)
     _count(engine, kept)
     # MTP position n+j reads main hidden n+j and token n+j+1: for a row keeping t_1..t_m those are
-    # (h_n, t_1) .. (h_{n+m-1}, t_m).
-    T = max(counts)
-    nxt = torch.zeros(B, T, dtype=torch.long)
+    # (h_n, t_1) .. (h_{n+m-1}, t_m). Always k+1 positions (the rest padding, written past what is
+    # committed and never attended to), so a compiled MTP function sees one shape, not one per count.
+    nxt = torch.zeros(B, k + 1, dtype=torch.long)
     for i, t in enumerate(kept):
         nxt[i, : len(t)] = torch.tensor(t)
     for req, t in zip(rows, kept):
