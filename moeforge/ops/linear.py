@@ -21,8 +21,9 @@ So `linear` takes that form only where it pays: inside a `torch.compile` graph, 
 autograd, on CPU, for at most `SMALL_ROWS` rows; a compiled tiny-preset decode step at batch 1
 takes 0.43 ms instead of 0.87 ms (fp32; in bf16 the engine decodes 1,396 instead of 603 tok/s
 at batch 1). At 8 rows whole compiled decode steps measured the same either way in fp32 and 10%
-slower in bf16 (2,725 vs 3,031 tok/s at batch 8), so the threshold is 4 rows. Everywhere else (training, eager inference, prefill, GPUs)
-it is `F.linear`. Both give the same values up to fp32 summation order.
+slower in bf16 (2,725 vs 3,031 tok/s at batch 8), so the threshold is 4 rows. Everywhere else
+(training, eager inference, prefill, GPUs) it is `F.linear`. Both give the same values up to
+fp32 summation order.
 
 `Linear` is `nn.Linear` with that forward: same parameters, same state-dict names.
 """
