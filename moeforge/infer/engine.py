@@ -154,6 +154,8 @@ class Engine:
             raise ValueError("speculative decoding needs a model with MTP modules (mtp.num_layers >= 1)")
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        if draft_tokens > 1 and not speculative:
+            raise ValueError("draft tokens are made by MTP speculation: add --speculative (speculative=True)")
         self.v4 = cfg.v4 is not None
         if self.v4 and compile:
             raise ValueError("compile is not available for DeepSeek-V4 models yet; drop --compile")

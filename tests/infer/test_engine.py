@@ -200,6 +200,13 @@ def test_speculative_greedy_equals_plain_greedy(model, speculate_with_oracle, k)
     speculate_with_oracle(model, PROMPTS, GREEDY, plain, "mtp_draft", lambda i: i % 2 == 0, draft_tokens=k)
 
 
+def test_draft_tokens_need_speculation(model):
+    with pytest.raises(ValueError, match="--speculative"):
+        Engine(model, draft_tokens=2)
+    with pytest.raises(ValueError, match="draft_tokens must be >= 1"):
+        Engine(model, speculative=True, draft_tokens=0)
+
+
 def test_chained_drafts_follow_the_mtp_module(model):
     """Draft 2 is what the MTP module predicts from its own state after draft 1 (the chain), recomputed
     here without the engine's caches: module over (h_{n-1}, x_n) for all positions -> state m and d_1 at
