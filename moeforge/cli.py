@@ -224,9 +224,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                       max_len=args.max_len, speculative=args.speculative, draft_tokens=args.draft_tokens,
-                      compile=args.compile,
-                      prefill_chunk=args.prefill_chunk or None, api_key=args.api_key,
-                      model_name=args.model_name, max_concurrent=args.max_concurrent, threads="auto" if args.threads is None else args.threads)
+                      compile=args.compile, prefill_chunk=args.prefill_chunk or None, api_key=args.api_key,
+                      model_name=args.model_name, max_concurrent=args.max_concurrent,
+                      threads="auto" if args.threads is None else args.threads)
     print(f"moeforge: serving {args.ckpt} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 

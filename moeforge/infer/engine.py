@@ -399,7 +399,7 @@ class Engine:
             nxt = torch.zeros_like(ids)
             for i, (r, n) in enumerate(zip(rows, takes)):
                 nxt[i, :n] = torch.tensor(self._mtp_next(r, n))
-            mtp_draft(self, rows, lo, out.hidden, nxt, takes, pos, absorbed=False)
+            mtp_draft(self, rows, lo, out.hidden, nxt, takes, pos, absorbed=False, chain=bool(done))
         return done
 
     def _prefill_chunk_v4(self, rows: list[Request], takes: list[int]) -> list[Request]:

@@ -60,14 +60,15 @@ def mtp_logits(model, next_ids: torch.Tensor, hidden: torch.Tensor, pos: torch.T
 
 
 def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor, next_ids: torch.Tensor,
-              counts: list[int], pos: torch.Tensor, absorbed: bool = True) -> None:
+              counts: list[int], pos: torch.Tensor, absorbed: bool = True, chain: bool = True) -> None:
     """Extend the MTP cache of slots lo.. with `counts[i]` positions and draft each row's next tokens.
 
     hidden (B, T, D): main-model states (after the final norm) at the new positions; next_ids (B, T): the
     token following each position; pos (B,): first new position per row. absorbed=False (prefill) runs
     eager; absorbed=True (decode) runs the engine's (possibly compiled) function. With
-    `engine.draft_tokens` k > 1 the module then runs k-1 more single positions past the committed length
-    (written to the cache, not committed: the next update overwrites them).
+    `engine.draft_tokens` k > 1 and `chain` the module then runs k-1 more single positions past the committed
+    length (written to the cache, not committed: the next update overwrites them); a prefill chunk that
+    completes no prompt passes chain=False, as its drafts are never used.
     """
     B, T = next_ids.shape
     cache = engine.mtp_cache
@@ -82,7 +83,7 @@ def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor
         r.drafts, r.draft_probs = [], []
     _add_drafts(rows, logits)
     extra = engine.draft_tokens - 1
-    if extra <= 0:
+    if extra <= 0 or not chain:
         return
     zero = torch.zeros(B, dtype=torch.long, device=hidden.device)
     for _ in range(extra):

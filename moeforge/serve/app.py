@@ -286,18 +286,17 @@ def load_server(ckpt: str | Path, device: str | None = None, dtype: str = "auto"
     dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    if threads != "auto" and threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads not in (None, "auto") and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     model = load_model(path, device=device, dtype=dtypes[dtype])
     if threads == "auto":
-        if model.embed_tokens.weight.device.type == "cpu":
-            torch.set_num_threads(serving_threads(torch.get_num_threads()))
-    elif threads is not None:
+        cpu = model.embed_tokens.weight.device.type == "cpu"
+        threads = serving_threads(torch.get_num_threads()) if cpu else None
+    if threads is not None:
         torch.set_num_threads(threads)
     tok = Tokenizer.from_file(str(tok_file))
     engine = Engine(model, max_batch=max_batch, max_len=max_len, tokenizer=tok, speculative=speculative,
-                    draft_tokens=draft_tokens,
-                    compile=compile, prefill_chunk=prefill_chunk)
+                    draft_tokens=draft_tokens, compile=compile, prefill_chunk=prefill_chunk)
     if compile:  # compile now rather than on the first requests
         print("moeforge: compiling the decode step (once; about a minute on a small CPU)...", file=sys.stderr)
         t0 = time.perf_counter()

@@ -87,8 +87,9 @@ def test_chunked_prefill_equals_whole_prefill(model):
         eng = Engine(model, max_batch=batch, prefill_chunk=3)
         assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == whole
         assert eng.stats.prefill_tokens == sum(map(len, PROMPTS))
-    spec = Engine(model, max_batch=4, prefill_chunk=3, speculative=True)
-    assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == whole
+    for k in (1, 2):
+        spec = Engine(model, max_batch=4, prefill_chunk=3, speculative=True, draft_tokens=k)
+        assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == whole
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, prefill_chunk=0)
 
