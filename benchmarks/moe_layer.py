@@ -5,7 +5,7 @@ Setting (issue 2): fp32 (`--dtype bfloat16` for CPUs with bf16 units), 2 threads
 6*256 + 2*256 = 2048, i.e. the same matmul FLOPs per token. HF's DeepseekV3MoE runs
 with its eager loop and its grouped_mm experts implementation (batched_mm needs a
 weight copy per token-expert pair and does not fit in memory); the best one is the reference. Prints one JSON line per measurement
-and a table with ratios.
+and a table with ratios and the activation memory each keeps for its backward pass.
 
     .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5]
 """
@@ -38,6 +38,25 @@ def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor):
         out.float().square().mean().backward()
 
     return step
+
+
+def saved_activation_mib(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """MiB of tensors autograd keeps for the backward pass of one forward, parameters not counted."""
+    params = {p.data_ptr() for p in module.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_())
+    return total / 2**20
 
 
 def hf_block(cfg: MoEConfig, hidden: int, impl: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -97,6 +116,7 @@ def main() -> None:
     dense.to(dtype)
     ours.to(dtype).gate.float()  # router weights stay fp32, as in the model
     steps = {"dense_mlp": fwd_bwd_step(dense, x)}
+    modules: dict[str, torch.nn.Module] = {"dense_mlp": dense}
     for impl in ("loop", "grouped_mm"):
         if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.float32):
             continue
@@ -104,6 +124,7 @@ def main() -> None:
         block.gate.float()
         block.load_state_dict(ours.state_dict())
         steps[f"moeforge_{impl}"] = fwd_bwd_step(block, x)
+        modules[f"moeforge_{impl}"] = block
     if not args.skip_hf:
         # HF's batched_mm gathers a weight matrix per token-expert pair: 24 GiB here in fp32
         # (it fails to allocate) and ~12 GiB in bf16 (the kernel OOM-kills the run), so it is left out.
@@ -114,10 +135,13 @@ def main() -> None:
                 step = fwd_bwd_step(hf, x)
                 step()
                 steps[f"hf_{impl}"] = step
+                modules[f"hf_{impl}"] = hf
             except Exception as e:  # noqa: BLE001 - an implementation that does not run here is reported, not fatal
                 print(json.dumps({"bench": "moe_layer", "impl": f"hf_{impl}", "error": str(e).splitlines()[0][:160]}))
     for name, seconds in time_round_robin(steps, args.repeats).items():
         record(name, seconds)
+    saved = {name: saved_activation_mib(m, x) for name, m in modules.items()}
+    print(json.dumps({"bench": "moe_layer", "saved_activations_mib": {k: round(v, 1) for k, v in saved.items()}}))
 
     ours_best = max(v for k, v in results.items() if k.startswith("moeforge_"))
     hf_best = max((v for k, v in results.items() if k.startswith("hf_")), default=None)
@@ -131,8 +155,9 @@ def main() -> None:
     table.add_column("implementation")
     table.add_column("tokens/s", justify="right")
     table.add_column("vs dense", justify="right")
+    table.add_column("saved for backward", justify="right")
     for k, v in results.items():
-        table.add_row(k, f"{v:,.0f}", f"{v / results['dense_mlp']:.2f}")
+        table.add_row(k, f"{v:,.0f}", f"{v / results['dense_mlp']:.2f}", f"{saved[k]:,.0f} MiB")
     Console().print(table)
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moeforge.model.moe import GroupedExperts, MoE
+from moeforge.model.moe import GroupedExperts, MoE, unfused_routed
 from moeforge.ops.permute import permute
 
 
@@ -52,6 +52,10 @@ class ExpertParallelExperts(GroupedExperts):
                 setattr(self, key, value)
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[lo : lo + self.local].clone())
         self.down_proj = nn.Parameter(full.down_proj.detach()[lo : lo + self.local].clone())
+
+    def routed(self, flat: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor,
+               acc: torch.dtype) -> torch.Tensor:
+        return unfused_routed(self, flat, tok, counts, weights, acc)  # rows must be in expert order to be sent
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         ep, El = self.ep, self.local

@@ -37,9 +37,10 @@ from torch import nn
 
 from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
-from moeforge.ops.grouped import grouped_linear
+from moeforge.ops.grouped import grouped_linear, pick_impl
 from moeforge.ops.linear import linear
 from moeforge.ops.permute import combine, dispatch
+from moeforge.ops.routed import routed_swiglu
 from moeforge.ops.swiglu import swiglu
 
 
@@ -155,6 +156,24 @@ class GroupedExperts(nn.Module):
             gu = clamp_gate_up(gu, self.limit)
         return grouped_linear(swiglu(gu, weights), self.down_proj, counts, self.impl)
 
+    def routed(self, flat: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor,
+               acc: torch.dtype) -> torch.Tensor:
+        """Token rows flat (N, D) -> (N, D) in dtype acc: each token's K weighted expert outputs summed.
+
+        tok (M,): the token of each expert-sorted pair; counts (E,): pairs per expert; weights (M,).
+        Where the segment loop runs (CPU), one fused pass per expert (moeforge.ops.routed);
+        elsewhere, and for subclasses that move rows (expert parallelism), dispatch -> forward -> combine.
+        """
+        if pick_impl(flat.device, self.gate_up_proj.dtype, self.impl) == "loop":
+            return routed_swiglu(flat, self.gate_up_proj, self.down_proj, tok, counts, weights, self.limit, acc)
+        return unfused_routed(self, flat, tok, counts, weights, acc)
+
+
+def unfused_routed(experts: GroupedExperts, flat: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor,
+                   weights: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """GroupedExperts.routed through the seam: copy rows into expert order, run the experts, sum back."""
+    return combine(experts(dispatch(flat, tok), counts, weights), tok, flat.shape[0], acc)
+
 
 @dataclass
 class MoEStats:
@@ -207,9 +226,8 @@ class MoE(nn.Module):
         tok = order // K  # the token of each sorted row
         counts = torch.bincount(expert_of_pair, minlength=E)
         # gate weights travel with the rows and scale the expert activations (fp32 router weights)
-        y_sorted = self.experts(dispatch(flat, tok), counts, r.weights.flatten()[order])  # (N*K, D)
         acc = torch.promote_types(flat.dtype, torch.float32)  # sum the K weighted outputs in >= fp32
-        return combine(y_sorted, tok, flat.shape[0], acc).to(flat.dtype), counts
+        return self.experts.routed(flat, tok, counts, r.weights.flatten()[order], acc).to(flat.dtype), counts
 
     def _routed_fused(self, flat: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """The same product without sorting or host syncs, for compiled inference on few tokens.
