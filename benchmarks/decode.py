@@ -139,8 +139,10 @@ def main() -> None:
     steps = 32
     for ctx in args.contexts:
         p = torch.randint(2, cfg.vocab_size, (ctx,)).tolist()
-        ours = (timed(lambda: ours_greedy(long_model, p, steps + 1), 2) - timed(lambda: ours_greedy(long_model, p, 1), 2)) / steps
-        theirs = (timed(lambda: hf_greedy(long_hf, p, steps + 1), 2) - timed(lambda: hf_greedy(long_hf, p, 1), 2)) / steps
+        ours = (timed(lambda p=p, m=long_model: ours_greedy(m, p, steps + 1), 2)
+                - timed(lambda p=p, m=long_model: ours_greedy(m, p, 1), 2)) / steps
+        theirs = (timed(lambda p=p, m=long_hf: hf_greedy(m, p, steps + 1), 2)
+                  - timed(lambda p=p, m=long_hf: hf_greedy(m, p, 1), 2)) / steps
         emit(rows, metric="decode_ms_per_token_at_context", dtype=args.dtype, context=ctx,
              ours=round(ours * 1e3, 2), hf=round(theirs * 1e3, 2), ratio=round(theirs / ours, 2))
     del long_model, long_hf
@@ -164,8 +166,8 @@ def main() -> None:
                 same = True
                 for p in prompts:  # alternate plain and speculative runs
                     same &= ours_greedy(model, p, n, engine=spec_eng)[0] == plain_out[tuple(p)]
-                    plain_t += timed(lambda: ours_greedy(model, p, n, engine=plain_eng))
-                    spec_t += timed(lambda: ours_greedy(model, p, n, engine=spec_eng))
+                    plain_t += timed(lambda p=p, e=plain_eng: ours_greedy(model, p, n, engine=e))
+                    spec_t += timed(lambda p=p, e=spec_eng: ours_greedy(model, p, n, engine=e))
                 emit(rows, metric="mtp_speculative" + ("_compiled" if comp else ""), dtype=args.dtype,
                      draft_tokens=k, tokens=n * len(prompts),
                      plain_tokens_per_s=round(n * len(prompts) / plain_t, 1),

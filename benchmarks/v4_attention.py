@@ -168,14 +168,14 @@ def main() -> None:
             xs = [torch.randn(1, 1, args.hidden) for _ in range(RUN)]
             big = ctx > 4096
             reps = max(1, args.repeats // 2) if big else args.repeats
-            prefill[ctx] = time_round_robin({k: (lambda r=r: r.prefill(x)) for k, r in runners.items()}, reps,
+            prefill[ctx] = time_round_robin({k: (lambda r=r, x=x: r.prefill(x)) for k, r in runners.items()}, reps,
                                             warmup=0 if big else 1)
             # every runner now holds its prefilled cache of ctx tokens
             cache_bytes[ctx] = {k: r.cache_bytes() for k, r in runners.items()}
             expected = {"v3_mla": int(per_token["v3_mla"] * ctx)}
             expected.update({k: accounting_v4.v4_cache_bytes(one_layer(v4_cfg, t), ctx, DTYPE_BYTES)
                              for k, t in V4_TYPES.items()})
-            d = time_round_robin({k: (lambda r=r: r.decode(xs)) for k, r in runners.items()},
+            d = time_round_robin({k: (lambda r=r, xs=xs: r.decode(xs)) for k, r in runners.items()},
                                  max(8, 8 * args.repeats), warmup=2)
             decode[ctx] = {k: s / RUN for k, s in d.items()}
             for k in names:

@@ -507,7 +507,7 @@ def read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate the file") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise ValueError(f"{path} must hold a JSON object")  # noqa: TRY004 - bad input files are ValueErrors (one-line CLI errors)
     return d
 
 

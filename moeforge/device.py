@@ -77,7 +77,7 @@ def _load_plugins() -> tuple[str, ...]:
             import torch_npu  # noqa: F401  (registers the `npu` device and the hccl backend)
 
             loaded.append("torch_npu")
-        except Exception:  # noqa: BLE001 - a broken install means "no NPU", not a crash
+        except Exception:  # noqa: BLE001, S110 - a broken install means "no NPU", not a crash
             pass
     return tuple(loaded)
 

@@ -67,7 +67,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
     if not single.is_file():
         raise ValueError(f"{folder} has neither {SINGLE} nor {INDEX}")
     with _open(single) as f:
-        return {key: single for key in f.keys()}
+        return {key: single for key in f.keys()}  # noqa: SIM118 - a safe_open handle is not iterable
 
 
 def hf_config(folder: str | Path) -> ModelConfig:
@@ -221,7 +221,7 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt")
     except FileNotFoundError:
         raise ValueError(f"weights file {path} does not exist") from None
-    except Exception as e:  # safetensors raises its own types for truncated/corrupt files
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated/corrupt files
         raise ValueError(f"cannot read weights file {path}: {e}; the file is truncated or corrupt") from None
 
 
@@ -238,7 +238,7 @@ class _Reader:
             self.handles[path] = _open(path).__enter__()
         try:
             return self.handles[path].get_tensor(key)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any read failure becomes a one-line error naming the file
             raise ValueError(f"cannot read tensor {key!r} from {path}: {e}") from None
 
     def get(self, key: str) -> torch.Tensor:

@@ -79,7 +79,7 @@ def replace_dir(tmp: Path, path: Path) -> None:
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                 yield key, f.get_tensor(key)
     except FileNotFoundError:
         raise ValueError(f"weights file {path} does not exist") from None

@@ -140,7 +140,7 @@ class MLA(nn.Module):
         return o[..., :dv].transpose(1, 2)  # (B,T,H,V)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
+        T = q_nope.shape[1]
         S = kv.latent.shape[1]
         w_k, w_v = self._kv_b_weights()
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_k)  # query moved into latent space

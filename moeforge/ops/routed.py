@@ -39,7 +39,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, tok, counts, weights, limit, acc):  # type: ignore[override]
         sizes = counts.tolist()
-        M, (E, I2, D) = tok.shape[0], w1.shape
+        M, (_E, I2, D) = tok.shape[0], w1.shape
         gu = x.new_empty(M, I2)
         out = torch.zeros(x.shape[0], D, dtype=acc, device=x.device)
         big = max(sizes, default=0)

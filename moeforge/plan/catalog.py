@@ -71,7 +71,7 @@ class Chip:
 
 def _parse_entry(name: str, raw: dict[str, Any], origin: str) -> Chip:
     if not isinstance(raw, dict):
-        raise ValueError(f"{origin}: chip {name!r} must be a JSON object")
+        raise ValueError(f"{origin}: chip {name!r} must be a JSON object")  # noqa: TRY004
     unknown = set(raw) - set(FIELDS) - {"vendor", "description"}
     if unknown:
         raise ValueError(f"{origin}: chip {name!r} has unknown field(s) {sorted(unknown)}; known: {', '.join(FIELDS)}")
@@ -107,7 +107,7 @@ def _read_chips(text: str, origin: str) -> dict[str, Chip]:
         raise ValueError(f"{origin} is not valid JSON ({e.msg} at line {e.lineno})") from None
     chips = d.get("chips", d) if isinstance(d, dict) else None
     if not isinstance(chips, dict):
-        raise ValueError(f"{origin} must hold a JSON object of chips ({{\"chips\": {{NAME: {{...}}}}}})")
+        raise ValueError(f"{origin} must hold a JSON object of chips ({{\"chips\": {{NAME: {{...}}}}}})")  # noqa: TRY004
     return {name.lower(): _parse_entry(name.lower(), raw, origin) for name, raw in chips.items() if not name.startswith("_")}
 
 

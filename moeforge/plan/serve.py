@@ -100,13 +100,13 @@ def plan_serve(cfg: ModelConfig, chip: Chip, *, context: int = 4096, concurrency
         },
         "notes": notes,
         "assumptions": [
-            f"weights: total params (main model, MTP excluded) x {wb:g} B ({weight_precision}); spread evenly over "
-            "the chips (expert + tensor / data parallel)",
-            f"KV cache: the model's own layout, {kv_precision}; {kv_tok:,.0f} B per token, every sequence at "
-            f"{context:,} tokens",
+            (f"weights: total params (main model, MTP excluded) x {wb:g} B ({weight_precision}); spread evenly over "
+            "the chips (expert + tensor / data parallel)"),
+            (f"KV cache: the model's own layout, {kv_precision}; {kv_tok:,.0f} B per token, every sequence at "
+            f"{context:,} tokens"),
             f"usable HBM = {1 - reserve:.0%} of {chip.get('hbm_gb'):g} GB (runtime, activations, fragmentation)",
-            f"decode: batch {batch}; bytes per step = non-routed weights + expected touched experts 1-(1-K/E)^B + "
-            f"caches, at {hbm:g} TB/s per chip; FLOPs at {peak:g} TFLOPS x MFU {mfu:g}",
+            (f"decode: batch {batch}; bytes per step = non-routed weights + expected touched experts 1-(1-K/E)^B + "
+            f"caches, at {hbm:g} TB/s per chip; FLOPs at {peak:g} TFLOPS x MFU {mfu:g}"),
             f"prefill: forward FLOPs at causal length {context:,}, {peak:g} TFLOPS x MFU {mfu:g} per chip",
         ],
     }

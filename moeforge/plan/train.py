@@ -183,8 +183,8 @@ def plan_train(cfg: ModelConfig, chip: Chip, tokens: float, *, chips: int | None
         chip_hours = F.chip_hours(total_flops, peak, mfu)
     usable = chip.get("hbm_gb") * F.GB * (1 - reserve)
     dispatch_bytes = 1.0 if precision in ("fp8", "fp4") else 2.0
-    kw = dict(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, imbalance=imbalance,
-              usable=usable, flops_per_token=fpt, peak=peak, mfu=mfu, dispatch_bytes=dispatch_bytes)
+    kw = {"seq_len": seq_len, "micro_batch": micro_batch, "global_batch": global_batch, "imbalance": imbalance,
+          "usable": usable, "flops_per_token": fpt, "peak": peak, "mfu": mfu, "dispatch_bytes": dispatch_bytes}
     fixed = {"pp": pp, "ep": ep, "zero": zero, "recompute": recompute}
     notes = []
     if chips is not None:
@@ -285,12 +285,12 @@ def _assumptions(chip: Chip, precision: str, mfu: float, mfu_source: str, seq_le
         + (f" (sources range {rng[0]:g}-{rng[1]:g}; using {chip.tflops(precision):g})" if rng else "")
         + f" [{peak_src}]",
         f"MFU {mfu:.3f} ({mfu_source}); FLOPs = 3 x forward, main model + MTP, causal attention at seq {seq_len}",
-        "memory: TOTAL params (all experts + MTP) x (bf16 weight 2 B + fp32 grad 4 B + fp32 master 4 B "
-        "+ AdamW fp32 moments 8 B), split by PP stage, EP (routed experts) and the ZeRO stage",
-        f"activations: bf16, 1F1B schedule (first stage holds PP micro-batches), expert-imbalance x{imbalance:g} "
-        "on routed-expert activations; fused head + cross-entropy (no full logits)",
+        ("memory: TOTAL params (all experts + MTP) x (bf16 weight 2 B + fp32 grad 4 B + fp32 master 4 B "
+        "+ AdamW fp32 moments 8 B), split by PP stage, EP (routed experts) and the ZeRO stage"),
+        (f"activations: bf16, 1F1B schedule (first stage holds PP micro-batches), expert-imbalance x{imbalance:g} "
+        "on routed-expert activations; fused head + cross-entropy (no full logits)"),
         f"usable HBM = {1 - reserve:.0%} of capacity (allocator, communication buffers, runtime)",
-        f"all-to-all: dispatch {dispatch_bytes:g} B + combine 2 B per value, forward + backward, no node-limited "
-        "dedup (upper bound); hidden if it takes no longer than the step's compute (full overlap)",
+        (f"all-to-all: dispatch {dispatch_bytes:g} B + combine 2 B per value, forward + backward, no node-limited "
+        "dedup (upper bound); hidden if it takes no longer than the step's compute (full overlap)"),
         f"energy at TDP x PUE {pue:g}; cost at " + (f"${price:g}/chip-hour" if price is not None else "no price (--price)"),
     ]

@@ -108,7 +108,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, template: ChatTemplat
             return error(e, route)
         metrics.prompt_tokens += len(ids)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        info = dict(id=rid, created=int(time.time()), model=model_name, chat=chat, prompt_tokens=len(ids))
+        info = {"id": rid, "created": int(time.time()), "model": model_name, "chat": chat, "prompt_tokens": len(ids)}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _stream(req, queue, info, include_usage, metrics, route, t0)

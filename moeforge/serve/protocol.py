@@ -117,7 +117,7 @@ class ChatTemplate:
         try:
             return self.template.render(messages=[{"role": m.role, "content": m.text()} for m in messages],
                                         add_generation_prompt=True, bos_token=self.bos, eos_token=self.eos)
-        except Exception as e:  # a template may raise on message orders it does not accept
+        except Exception as e:  # noqa: BLE001 - a template may raise on message orders it does not accept
             raise APIError(400, f"the chat template rejected the messages: {e}") from None
 
 

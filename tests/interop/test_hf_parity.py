@@ -31,9 +31,10 @@ MAX_ERR: dict[str, float] = {}  # case -> max abs logit error, printed at the en
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-              v_head_dim=16, first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.1)
+COMMON = dict(  # noqa: C408 - keyword form reads like the HF config
+    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+    v_head_dim=16, first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.1)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,11 +21,12 @@ LAYERS = ["sliding_attention", "compressed_sparse_attention", "heavily_compresse
 
 
 def _hf_model(**over) -> DeepseekV4ForCausalLM:
-    kw = dict(vocab_size=96, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
-              head_dim=16, q_lora_rank=24, partial_rotary_factor=0.5, n_routed_experts=8, num_experts_per_tok=2,
-              layer_types=LAYERS, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-              mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], sliding_window=6, o_groups=2, o_lora_rank=8,
-              index_n_heads=4, index_head_dim=8, index_topk=3, hc_mult=3, num_nextn_predict_layers=0)
+    kw = dict(  # noqa: C408 - keyword form reads like the HF config
+        vocab_size=96, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        head_dim=16, q_lora_rank=24, partial_rotary_factor=0.5, n_routed_experts=8, num_experts_per_tok=2,
+        layer_types=LAYERS, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], sliding_window=6, o_groups=2, o_lora_rank=8,
+        index_n_heads=4, index_head_dim=8, index_topk=3, hc_mult=3, num_nextn_predict_layers=0)
     kw.update(over)
     torch.manual_seed(0)
     model = DeepseekV4ForCausalLM(DeepseekV4Config(**kw)).eval()

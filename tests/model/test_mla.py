@@ -23,7 +23,7 @@ def test_absorbed_equals_naive_full_sequence(q_lora_rank, yarn):
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     cos, sin = rot(torch.arange(11))
     naive, kv = m(x, cos, sin)
-    absorbed, kv2 = m(x, cos, sin, absorbed=True)
+    absorbed, _kv2 = m(x, cos, sin, absorbed=True)
     torch.testing.assert_close(absorbed, naive, atol=1e-10, rtol=1e-10)
     assert kv.latent.shape == (2, 11, 20) and kv.k_rope.shape == (2, 11, 6)
 

@@ -13,9 +13,10 @@ D = 32
 
 
 def _v3_cfg(**kw):
-    base = dict(n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=24, n_group=4,
-                topk_group=2, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
-                routed_scaling_factor=2.5)
+    base = dict(  # noqa: C408 - keyword form reads like the config
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=24, n_group=4,
+        topk_group=2, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+        routed_scaling_factor=2.5)
     base.update(kw)
     return MoEConfig(**base)
 

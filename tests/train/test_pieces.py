@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 
@@ -11,8 +12,14 @@ from moeforge.model.transformer import Transformer
 from moeforge.train.balance import load_stats, moe_modules, update_bias
 from moeforge.train.config import TrainConfig
 from moeforge.train.optim import build_optimizers, lr_multiplier
-from moeforge.train.state import (CKPT_DIR, SHARDED_MARKER, check_resume_layout, checkpoints, resume_latest,
-                                  save_checkpoint)
+from moeforge.train.state import (
+    CKPT_DIR,
+    SHARDED_MARKER,
+    check_resume_layout,
+    checkpoints,
+    resume_latest,
+    save_checkpoint,
+)
 from moeforge.train.trainer import compute_losses
 
 
@@ -30,7 +37,7 @@ def test_schedules():
     assert lr_multiplier(9, 100, cfg) == pytest.approx(1.0)
     assert lr_multiplier(99, 100, cfg) == pytest.approx(0.1, abs=1e-3)
     mults = [lr_multiplier(s, 100, cfg) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(mults, mults[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(mults))
     wsd = TrainConfig(schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_multiplier(50, 100, wsd) == 1.0 and lr_multiplier(79, 100, wsd) == 1.0
     assert lr_multiplier(89, 100, wsd) == pytest.approx(0.5) and lr_multiplier(99, 100, wsd) == 0.0

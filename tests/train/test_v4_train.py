@@ -44,7 +44,7 @@ def test_tiny_v4_trains_and_generates(corpus, tmp_path, capsys):
     import moeforge
     from moeforge.infer.sample import generate
 
-    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    ckpt = max((run / "checkpoints").iterdir())
     model = moeforge.load_model(ckpt, device="cpu")
     tokens = list(generate(model, torch.tensor([[5, 6, 7]]), 8, None, temperature=0.0))
     assert len(tokens) == 8 and all(0 <= t < 512 for t in tokens)
