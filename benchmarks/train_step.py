@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed steps per candidate first (compiles; fills oneDNN's kernel cache in bf16)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation: eager or grouped_mm")
     ap.add_argument("--compile", action="store_true",
@@ -97,7 +99,7 @@ def main() -> None:
     def autocast():
         return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
-    n = args.repeats + 2
+    n = args.repeats + args.warmup
     batches = [torch.randint(0, mcfg.vocab_size, (args.batch, args.seq + 1)) for _ in range(3 * n)]
     ours = Transformer(mcfg)
     hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
@@ -115,8 +117,8 @@ def main() -> None:
                                                         compile=True)
     with_mtp = {name: name.startswith("moeforge (trainer") for name in steps}  # which FLOP count applies
     for step in steps.values():
-        step()
-        step()
+        for _ in range(args.warmup):
+            step()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
