@@ -72,3 +72,55 @@ def test_fused_routed_experts_bf16_accumulate_in_fp32():
     err = [(g[1].double() - ref[1]).abs().max() for g in (got, want)]
     assert err[0] <= err[1]
     assert err[0] < 0.02 * ref[1].abs().max()  # bf16 rounding of the products, nothing worse
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_padded_segments_change_nothing(monkeypatch, limit):
+    """Segments longer than ROW_BUCKET are padded with zero rows (bf16/fp16 on CPU): forced on in fp32,
+    the outputs and all gradients still equal the unfused route's, empty and short segments included."""
+    import moeforge.ops.routed as routed
+
+    g = torch.Generator().manual_seed(1)
+    n, e, k = 150, 6, 3
+    x, w1 = torch.randn(n, D, generator=g), torch.randn(e, 2 * I, D, generator=g)
+    w2 = torch.randn(e, D, I, generator=g) * 0.3
+    scores = torch.rand(n, e, generator=g)
+    scores[:, 1] = -1.0  # empty
+    scores[:140, 4] = -1.0  # short: at most 10 rows
+    idx = scores.topk(k, dim=-1).indices.flatten()
+    order = idx.argsort(stable=True)
+    counts = torch.bincount(idx, minlength=e)
+    assert counts.max() > 32 and 0 < counts[4] <= 10
+    prob = (x, w1, w2, order // k, counts, torch.rand(n * k, generator=g))
+    want = _grads(_unfused, *prob, limit, torch.float32)
+    monkeypatch.setattr(routed, "_bucket", lambda t: 32)
+    got = _grads(routed_swiglu, *prob, limit, torch.float32)
+    for name, a, b in zip(["out", "x", "gate_up", "down", "weights"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert not got[2][1].any()
+
+
+def test_bf16_segments_are_padded_and_stay_accurate():
+    """In bf16 on CPU, long segments run padded; the result stays as close to fp64 as the unfused route."""
+    import moeforge.ops.routed as routed
+
+    assert routed._bucket(torch.zeros(1, dtype=torch.bfloat16)) == routed.ROW_BUCKET
+    assert routed._bucket(torch.zeros(1)) == 1
+    g = torch.Generator().manual_seed(2)
+    n, e, k = 150, 6, 3
+    x, w1 = torch.randn(n, D, generator=g), torch.randn(e, 2 * I, D, generator=g)
+    w2 = torch.randn(e, D, I, generator=g) * 0.3
+    idx = torch.rand(n, e, generator=g).topk(k, dim=-1).indices.flatten()
+    order = idx.argsort(stable=True)
+    counts = torch.bincount(idx, minlength=e)
+    assert (counts % 32 != 0).any() and counts.min() > 32
+    wts = torch.rand(n * k, generator=g)
+    prob16 = (x.bfloat16(), w1.bfloat16(), w2.bfloat16(), order // k, counts, wts)
+    prob64 = (x.double(), w1.double(), w2.double(), order // k, counts, wts.double())
+    got = _grads(routed_swiglu, *prob16, 0.0, torch.float32)
+    unf = _grads(_unfused, *prob16, 0.0, torch.float32)
+    ref = _grads(_unfused, *prob64, 0.0, torch.float64)
+    for name, a, b, r in zip(["out", "x", "gate_up", "down", "weights"], got, unf, ref):
+        err_got = (a.double() - r).abs().max()
+        err_unf = (b.double() - r).abs().max()
+        assert err_got <= 1.5 * err_unf + 1e-3 * r.abs().max(), name
