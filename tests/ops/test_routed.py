@@ -78,7 +78,7 @@ def test_fused_routed_experts_bf16_accumulate_in_fp32():
 def test_padded_segments_change_nothing(monkeypatch, limit):
     """Segments longer than ROW_BUCKET are padded with zero rows (bf16/fp16 on CPU): forced on in fp32,
     the outputs and all gradients still equal the unfused route's, empty and short segments included."""
-    import moeforge.ops.routed as routed
+    from moeforge.ops import routed
 
     g = torch.Generator().manual_seed(1)
     n, e, k = 150, 6, 3
@@ -102,7 +102,7 @@ def test_padded_segments_change_nothing(monkeypatch, limit):
 
 def test_bf16_segments_are_padded_and_stay_accurate():
     """In bf16 on CPU, long segments run padded; the result stays as close to fp64 as the unfused route."""
-    import moeforge.ops.routed as routed
+    from moeforge.ops import routed
 
     assert routed._bucket(torch.zeros(1, dtype=torch.bfloat16)) == routed.ROW_BUCKET
     assert routed._bucket(torch.zeros(1)) == 1
