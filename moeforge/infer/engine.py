@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from moeforge.infer.cache import LatentCache
+from moeforge.infer.detokenize import IncrementalDecoder
 from moeforge.infer.sample import filter_logits
 from moeforge.model.transformer import Transformer
 
@@ -96,6 +97,7 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     state: list | None = None  # DeepSeek-V4: this request's per-layer V4LayerCache list
     mtp_state: object = None  # DeepSeek-V4 speculation: the MTP block's V4LayerCache
+    detok: IncrementalDecoder | None = field(default=None, repr=False)  # `text` without re-decoding all output
 
     @property
     def finished(self) -> bool:
@@ -496,7 +498,9 @@ class Engine:
         self.stats.generated_tokens += 1
         if self.tokenizer is not None:
             old = len(req.text)
-            req.text = self.tokenizer.decode(req.output)
+            if req.detok is None:
+                req.detok = IncrementalDecoder(self.tokenizer)
+            req.text = req.detok.decode(req.output)
             if p.stop:
                 start = max(0, old - max(len(s) for s in p.stop))
                 hits = [i for i in (req.text.find(s, start) for s in p.stop) if i >= 0]
