@@ -56,7 +56,7 @@ def ours_step(model: Transformer, cfg: TrainConfig, batches, autocast, mtp: bool
 
 def hf_step(hf, cfg: TrainConfig, batches, autocast):
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            foreach=True)
+                            fused=True)  # transformers' Trainer default (adamw_torch_fused), and ours on CPU
     it = iter(batches)
 
     def step() -> None:

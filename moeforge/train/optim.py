@@ -26,6 +26,21 @@ def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate.weight"))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")  # where PyTorch ships a fused AdamW kernel
+
+
+def _adamw_kernel(params: list[tuple[str, torch.Tensor]]) -> dict[str, bool]:
+    """Which AdamW implementation: the fused kernel for plain tensors on devices that have one (one
+    pass per tensor: 3.8 instead of 20 ms per step for 8M parameters on the 2-core dev CPU, where
+    `foreach` makes a pass per operation); `foreach` for FSDP2's DTensors; per tensor when a model
+    mixes the two (expert-parallel slices are plain tensors), which the multi-tensor kernels cannot."""
+    kinds = {type(p).__name__ == "DTensor" for _, p in params}
+    devices = {p.device.type for _, p in params}
+    if kinds == {False} and devices <= set(FUSED_ADAMW_DEVICES):
+        return {"fused": True}
+    return {"foreach": len(kinds) == 1}
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     seen: set[int] = set()
@@ -43,11 +58,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     decay = [p for n, p in rest if p.ndim >= 2]
     no_decay = [p for n, p in rest if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # FSDP2 parameters are DTensors, expert-parallel slices are plain tensors: the foreach kernels
-    # cannot mix the two, so mixed models take the per-tensor path
-    kinds = {type(p).__name__ == "DTensor" for _, p in unique}
     opts: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas, foreach=len(kinds) == 1)
+        torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas, **_adamw_kernel(unique))
     ]
     if muon:
         opts.append(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
