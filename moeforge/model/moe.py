@@ -161,10 +161,13 @@ class GroupedExperts(nn.Module):
         """Token rows flat (N, D) -> (N, D) in dtype acc: each token's K weighted expert outputs summed.
 
         tok (M,): the token of each expert-sorted pair; counts (E,): pairs per expert; weights (M,).
-        Where the segment loop runs (CPU), one fused pass per expert (moeforge.ops.routed);
-        elsewhere, and for subclasses that move rows (expert parallelism), dispatch -> forward -> combine.
+        When training where the segment loop runs (CPU): one fused pass per expert (moeforge.ops.routed),
+        which keeps far fewer activations for the backward pass. Otherwise, and for subclasses that move
+        rows (expert parallelism): dispatch -> forward -> combine, which takes fewer operations per expert
+        (eager batch-1 decode of the demo model: 345 tok/s this way, 320 through the fused pass).
         """
-        if pick_impl(flat.device, self.gate_up_proj.dtype, self.impl) == "loop":
+        training = torch.is_grad_enabled() and (flat.requires_grad or self.gate_up_proj.requires_grad)
+        if training and pick_impl(flat.device, self.gate_up_proj.dtype, self.impl) == "loop":
             return routed_swiglu(flat, self.gate_up_proj, self.down_proj, tok, counts, weights, self.limit, acc)
         return unfused_routed(self, flat, tok, counts, weights, acc)
 
