@@ -9,8 +9,8 @@ keeps decoders that treat the first token specially (a leading-space marker) con
 
 The result equals `tokenizer.decode(ids)` for byte-level tokenizers at every length, including
 an incomplete UTF-8 character at the end (shown as U+FFFD, as a full decode shows it) and
-invalid byte sequences (tested). A decoder whose output for earlier tokens changes with later
-ones is detected and answered with a full decode.
+invalid byte sequences (tested). If a decoder's text for the window's first tokens changes once
+more tokens follow (so the subtraction no longer lines up), that call falls back to a full decode.
 """
 
 from __future__ import annotations
