@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeforge.ops.grouped import row_bucket
+
 
 def _act(gu: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The (clamped) gate and up halves of gu (n, 2I)."""
@@ -36,27 +38,14 @@ def _act(gu: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     return g, u
 
 
-ROW_BUCKET = 32  # reduced-precision CPU matmuls (oneDNN): segment row counts rounded up to a multiple of this
-
-
-def _bucket(x: torch.Tensor) -> int:
-    """Rows per bucket for this input. oneDNN, which runs bf16/fp16 matmuls on CPU, builds a kernel for
-    every new shape (0.4-0.9 ms each on the dev CPU, 5-10x the product itself) and keeps a bounded cache
-    of them: with a fresh row count per expert per step, a bf16 training run spent its first ~75 steps
-    ramping from 6,300 to 9,500 tokens/s. Padding segments of more than ROW_BUCKET rows with zero rows
-    to a multiple of it bounds the number of shapes; smaller ones (decode steps) are at most ROW_BUCKET
-    shapes already and stay exact."""
-    return ROW_BUCKET if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
-
-
 class _RoutedSwiGLU(torch.autograd.Function):
-    """Per expert e with n rows, padded to p >= n zero rows (see _bucket): the padded rows of every
-    operand are zero, so they add nothing to the weight gradients, and their outputs are dropped."""
+    """Per expert e with n rows, padded to p >= n rows (moeforge.ops.grouped.row_bucket): the padded rows
+    of every operand are zero, so they add nothing to the weight gradients, and their outputs are dropped."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, tok, counts, weights, limit, acc):  # type: ignore[override]
         sizes = counts.tolist()
-        step = _bucket(x)
+        step = row_bucket(x)
         pads = [n if n <= step else -(-n // step) * step for n in sizes]  # few-row segments (decode) stay exact
         I2, D = w1.shape[1], w1.shape[2]
         gu = x.new_empty(sum(pads), I2)  # gate|up pre-activations in the padded layout, kept for backward

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moeforge.ops.grouped import grouped_linear
+from moeforge.ops.grouped import ROW_BUCKET, grouped_linear, row_bucket
 from moeforge.ops.permute import combine, dispatch
 from moeforge.ops.routed import routed_swiglu
 from moeforge.ops.swiglu import swiglu
@@ -93,7 +93,7 @@ def test_padded_segments_change_nothing(monkeypatch, limit):
     assert counts.max() > 32 and 0 < counts[4] <= 10
     prob = (x, w1, w2, order // k, counts, torch.rand(n * k, generator=g))
     want = _grads(_unfused, *prob, limit, torch.float32)
-    monkeypatch.setattr(routed, "_bucket", lambda t: 32)
+    monkeypatch.setattr(routed, "row_bucket", lambda t: 32)
     got = _grads(routed_swiglu, *prob, limit, torch.float32)
     for name, a, b in zip(["out", "x", "gate_up", "down", "weights"], got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
@@ -102,10 +102,9 @@ def test_padded_segments_change_nothing(monkeypatch, limit):
 
 def test_bf16_segments_are_padded_and_stay_accurate():
     """In bf16 on CPU, long segments run padded; the result stays as close to fp64 as the unfused route."""
-    from moeforge.ops import routed
 
-    assert routed._bucket(torch.zeros(1, dtype=torch.bfloat16)) == routed.ROW_BUCKET
-    assert routed._bucket(torch.zeros(1)) == 1
+    assert row_bucket(torch.zeros(1, dtype=torch.bfloat16)) == ROW_BUCKET
+    assert row_bucket(torch.zeros(1)) == 1
     g = torch.Generator().manual_seed(2)
     n, e, k = 150, 6, 3
     x, w1 = torch.randn(n, D, generator=g), torch.randn(e, 2 * I, D, generator=g)
