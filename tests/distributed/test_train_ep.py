@@ -112,13 +112,13 @@ def test_one_step_with_ep2_equals_one_process(tmp_path, world, ep):
 
 
 def _run_worker(rank: int, world: int, port: int, corpus: str, out: str, steps: int, resume: bool,
-                ep: int = 2) -> None:
+                ep: int = 2, batch: int = 2) -> None:
     from moeforge.train.trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    tcfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, dtype="float32", ep=ep, samples=0, eval_every=100,
-                       ckpt_every=2, threads=1, warmup_steps=1)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, seq_len=32, dtype="float32", ep=ep, samples=0,
+                       eval_every=100, ckpt_every=2, threads=1, warmup_steps=1)
     dcfg = DataConfig(paths=[corpus], vocab_size=512, cache_dir=str(Path(out).parent / "cache"), val_fraction=0.2)
     trainer = Trainer(small_cfg(), tcfg, dcfg, out, resume=resume)
     trainer.run()
@@ -180,6 +180,22 @@ def test_resume_with_another_ep_size(tmp_path):
     mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 4, True, 1), nprocs=2)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [r["step"] for r in train_rows(tmp_path / "b")] == [1, 2, 3, 4]  # resumed at step 3: steps 1-2 were not trained (logged) again
+    assert sorted(a) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_resume_on_fewer_processes(tmp_path):
+    """A 4-process run (EP=2 x FSDP 2, 1 sequence per rank) resumed on 2 processes (EP=2, 2 sequences per
+    rank, so the same global batch): DCP reshards parameters and optimizer state onto the new mesh, the
+    sampler continues with the same global windows, and the resumed steps log the uninterrupted run's
+    losses (up to the different reduction order)."""
+    corpus = small_corpus(tmp_path)
+    mp.spawn(_run_worker, args=(4, free_port(), str(corpus), str(tmp_path / "a"), 4, False, 2, 1), nprocs=4)
+    mp.spawn(_run_worker, args=(4, free_port(), str(corpus), str(tmp_path / "b"), 2, False, 2, 1), nprocs=4)
+    mp.spawn(_run_worker, args=(2, free_port(), str(corpus), str(tmp_path / "b"), 4, True, 2, 2), nprocs=2)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [r["step"] for r in train_rows(tmp_path / "b")] == [1, 2, 3, 4]
     assert sorted(a) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
