@@ -12,7 +12,7 @@ as the output is. What it buys is memory: for benchmarks/moe_layer.py's block (4
 tokens, top-6 of 64 experts of width 256, hidden 512) the activations saved for the
 backward pass go from 144 to 56 MiB. In fp32 the speed measured the same (2 cores: the
 matmuls run at the CPU's peak either way, and per-segment gathers cost what the two
-large copies did); in bf16 the block ran 16% faster. It is the training path; without
+large copies did); in bf16 the block ran ~5% faster. It is the training path; without
 autograd the MoE block takes the unfused route, which runs fewer operations per expert.
 
 `limit` > 0 applies DeepSeek-V4's clamp (gate <= limit, -limit <= up <= limit) with the
