@@ -39,10 +39,10 @@ def row_bucket(x: torch.Tensor) -> int:
     every new shape (0.4-0.9 ms each on the dev CPU, 5-10x the product itself) and keeps a bounded cache
     of them: with a fresh row count per expert per step, a bf16 training run spent its first ~75 steps
     ramping from 6,300 to 9,500 tokens/s, and a bf16 prefill of a new prompt took 2-3x its cached time.
-    Segments of more than ROW_BUCKET rows therefore take row counts that are multiples of it: the fused
-    routed experts (moeforge.ops.routed) pad them with zero rows, the segment loop here multiplies a
-    multiple of ROW_BUCKET rows and the remainder separately (`row_chunks`). Smaller segments (decode
-    steps) are at most ROW_BUCKET shapes already and stay as they are."""
+    Segments of more than ROW_BUCKET rows are therefore multiplied as a multiple of ROW_BUCKET rows and
+    the remainder (`row_chunks`, `mm_rows`, `mm_sum_rows`; the segment loop here and the fused routed
+    experts in moeforge.ops.routed). Smaller segments (decode steps) are at most ROW_BUCKET shapes
+    already and stay whole."""
     return ROW_BUCKET if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
 
 
@@ -56,6 +56,21 @@ def row_chunks(start: int, n: int, x: torch.Tensor) -> list[slice]:
     if bulk < n:
         parts.append(slice(start + bulk, start + n))
     return parts
+
+
+def mm_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
+    """out[rows] = a[rows] @ b for each part of `row_chunks`; returns out."""
+    for rows in parts:
+        torch.mm(a[rows], b, out=out[rows])
+    return out
+
+
+def mm_sum_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
+    """out = a^T @ b summed over the row parts of `row_chunks` (a weight gradient); returns out."""
+    torch.mm(a[parts[0]].t(), b[parts[0]], out=out)
+    for rows in parts[1:]:
+        out.addmm_(a[rows].t(), b[rows])
+    return out
 
 
 class _LoopMM(torch.autograd.Function):
@@ -73,8 +88,7 @@ class _LoopMM(torch.autograd.Function):
         start = 0
         for e, n in enumerate(sizes):
             if n:
-                for rows in row_chunks(start, n, x):
-                    torch.mm(x[rows], w[e].t(), out=y[rows])
+                mm_rows(x, w[e].t(), y, row_chunks(start, n, x))
             start += n
         ctx.sizes = sizes
         ctx.save_for_backward(x, w)
@@ -91,14 +105,11 @@ class _LoopMM(torch.autograd.Function):
                 if gw is not None:
                     gw[e].zero_()  # an expert that saw no token gets a zero gradient
                 continue
-            for i, rows in enumerate(row_chunks(start, n, x)):
-                if gx is not None:
-                    torch.mm(gy[rows], w[e], out=gx[rows])
-                if gw is not None:
-                    if i == 0:
-                        torch.mm(gy[rows].t(), x[rows], out=gw[e])
-                    else:
-                        gw[e].addmm_(gy[rows].t(), x[rows])
+            parts = row_chunks(start, n, x)
+            if gx is not None:
+                mm_rows(gy, w[e], gx, parts)
+            if gw is not None:
+                mm_sum_rows(gy, x, gw[e], parts)
             start += n
         return gx, gw, None
 

@@ -8,7 +8,9 @@ rows while it is still in cache, so only the gate|up pre-activations (M, 2I) are
 for the backward pass, which recomputes the activation per segment. Same sums in the
 same order: in fp32 the outputs and gradients equal the unfused route's bit for bit on
 CPU (tested); in bf16 the input gradient is summed over each token's K experts in fp32,
-as the output is. What it buys is memory: for benchmarks/moe_layer.py's block (4096
+as the output is. In bf16/fp16 on CPU each expert's products run as a multiple of 32 rows
+plus the remainder, to bound the shapes oneDNN meets (moeforge.ops.grouped.row_bucket).
+What it buys is memory: for benchmarks/moe_layer.py's block (4096
 tokens, top-6 of 64 experts of width 256, hidden 512) the activations saved for the
 backward pass go from 144 to 56 MiB. In fp32 the speed measured the same (2 cores: the
 matmuls run at the CPU's peak either way, and per-segment gathers cost what the two
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeforge.ops.grouped import row_bucket
+from moeforge.ops.grouped import mm_rows, mm_sum_rows, row_chunks
 
 
 def _act(gu: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,33 +41,26 @@ def _act(gu: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _RoutedSwiGLU(torch.autograd.Function):
-    """Per expert e with n rows, padded to p >= n rows (moeforge.ops.grouped.row_bucket): the padded rows
-    of every operand are zero, so they add nothing to the weight gradients, and their outputs are dropped."""
-
     @staticmethod
     def forward(ctx, x, w1, w2, tok, counts, weights, limit, acc):  # type: ignore[override]
         sizes = counts.tolist()
-        step = row_bucket(x)
-        pads = [n if n <= step else -(-n // step) * step for n in sizes]  # few-row segments (decode) stay exact
-        I2, D = w1.shape[1], w1.shape[2]
-        gu = x.new_empty(sum(pads), I2)  # gate|up pre-activations in the padded layout, kept for backward
+        M, (I2, D) = tok.shape[0], w1.shape[1:]
+        gu = x.new_empty(M, I2)
         out = torch.zeros(x.shape[0], D, dtype=acc, device=x.device)
-        big = max(pads, default=0)
+        big = max(sizes, default=0)
         xb, hb, yb = x.new_empty(big, D), x.new_empty(big, I2 // 2), x.new_empty(big, D)
-        start = pstart = 0
-        for e, (n, p) in enumerate(zip(sizes, pads)):
+        start = 0
+        for e, n in enumerate(sizes):
             if n:
                 seg, t = slice(start, start + n), tok[start : start + n]
-                torch.index_select(x, 0, t, out=xb[:n])
-                xb[n:p].zero_()
-                gus = torch.mm(xb[:p], w1[e].t(), out=gu[pstart : pstart + p])
-                g, u = _act(gus, limit)
-                h = torch.mul(F.silu(g), u, out=hb[:p])  # padded rows: silu(0) * 0 = 0
-                h[:n].mul_(weights[seg].unsqueeze(-1).to(h.dtype))
-                ys = torch.mm(h, w2[e].t(), out=yb[:p])
-                out.index_add_(0, t, ys[:n].to(acc))
-            start, pstart = start + n, pstart + p
-        ctx.sizes, ctx.pads, ctx.limit, ctx.acc = sizes, pads, limit, acc
+                parts = row_chunks(0, n, x)
+                xs = torch.index_select(x, 0, t, out=xb[:n])
+                g, u = _act(mm_rows(xs, w1[e].t(), gu[seg], parts), limit)
+                h = torch.mul(F.silu(g), u, out=hb[:n])
+                h.mul_(weights[seg].unsqueeze(-1).to(h.dtype))
+                out.index_add_(0, t, mm_rows(h, w2[e].t(), yb[:n], parts).to(acc))
+            start += n
+        ctx.sizes, ctx.limit, ctx.acc = sizes, limit, acc
         ctx.save_for_backward(x, w1, w2, tok, weights, gu)
         return out
 
@@ -78,39 +73,36 @@ class _RoutedSwiGLU(torch.autograd.Function):
         gw1 = torch.empty_like(w1) if need_w1 else None
         gw2 = torch.empty_like(w2) if need_w2 else None
         gwt = torch.empty_like(weights) if need_wt else None
-        big = max(ctx.pads, default=0)
+        big = max(ctx.sizes, default=0)
         D, I = x.shape[1], w2.shape[2]
-        xb, gyb, gxb, ggu = x.new_empty(big, D), x.new_empty(big, D), x.new_empty(big, D), x.new_empty(big, 2 * I)
-        wb = x.new_zeros(big, 1)
+        xb, gyb, gxb = x.new_empty(big, D), x.new_empty(big, D), x.new_empty(big, D)
+        ghb, ggu = x.new_empty(big, I), x.new_empty(big, 2 * I)
         gout = gout.to(x.dtype)
-        start = pstart = 0
-        for e, (n, p) in enumerate(zip(ctx.sizes, ctx.pads)):
+        start = 0
+        for e, n in enumerate(ctx.sizes):
             if n == 0:
                 for gw in (gw1, gw2):
                     if gw is not None:
                         gw[e].zero_()  # an expert that saw no token gets a zero gradient
                 continue
-            seg, t, gus = slice(start, start + n), tok[start : start + n], gu[pstart : pstart + p]
-            start, pstart = start + n, pstart + p
-            raw_g, raw_u = gus.chunk(2, dim=-1)
-            g, u = _act(gus, limit)
+            seg, t = slice(start, start + n), tok[start : start + n]
+            start += n
+            parts = row_chunks(0, n, x)
+            raw_g, raw_u = gu[seg].chunk(2, dim=-1)
+            g, u = _act(gu[seg], limit)
             sg = F.silu(g)
-            a = sg * u  # the unweighted activation (padded rows 0)
-            w = wb[:p]
-            w[:n] = weights[seg].unsqueeze(-1)
-            w[n:].zero_()
-            gy = gyb[:p]
-            torch.index_select(gout, 0, t, out=gy[:n])
-            gy[n:].zero_()
+            a = sg * u  # the unweighted activation
+            w = weights[seg].unsqueeze(-1).to(a.dtype)
+            gy = torch.index_select(gout, 0, t, out=gyb[:n])
             if gw2 is not None:
-                torch.mm(gy.t(), a * w, out=gw2[e])
+                mm_sum_rows(gy, a * w, gw2[e], parts)
             if not (need_x or need_w1 or need_wt):
                 continue
-            gh = gy @ w2[e]  # gradient of the weighted activation
+            gh = mm_rows(gy, w2[e], ghb[:n], parts)  # gradient of the weighted activation
             if gwt is not None:
-                gwt[seg] = torch.linalg.vecdot(gh[:n], a[:n]).to(gwt.dtype)
+                gwt[seg] = torch.linalg.vecdot(gh, a).to(gwt.dtype)
             gh.mul_(w)
-            grad = ggu[:p]
+            grad = ggu[:n]
             grad_g, grad_u = grad.chunk(2, dim=-1)
             torch.mul(gh, sg, out=grad_u)
             torch.ops.aten.silu_backward.grad_input(gh.mul_(u), g, grad_input=grad_g)
@@ -118,11 +110,9 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 grad_g.mul_(raw_g <= limit)
                 grad_u.mul_((raw_u >= -limit) & (raw_u <= limit))
             if gw1 is not None:
-                torch.index_select(x, 0, t, out=xb[:n])
-                xb[n:p].zero_()
-                torch.mm(grad.t(), xb[:p], out=gw1[e])
+                mm_sum_rows(grad, torch.index_select(x, 0, t, out=xb[:n]), gw1[e], parts)
             if gx is not None:
-                gx.index_add_(0, t, torch.mm(grad, w1[e], out=gxb[:p])[:n].to(ctx.acc))
+                gx.index_add_(0, t, mm_rows(grad, w1[e], gxb[:n], parts).to(ctx.acc))
         return None if gx is None else gx.to(x.dtype), gw1, gw2, None, None, gwt, None, None
 
 
