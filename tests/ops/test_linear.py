@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeforge.ops.linear import SMALL_ROWS, Linear, linear
+from moeforge.ops.linear import SMALL_ROWS, VECTOR_WEIGHT, WIDE_WEIGHT, Linear, linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, SMALL_ROWS, SMALL_ROWS + 1])
@@ -51,3 +51,30 @@ def test_linear_keeps_nn_linear_state_dict():
     b = torch.nn.Linear(8, 4, bias=False)
     b.load_state_dict(a.state_dict())
     assert list(a.state_dict()) == ["weight"] and isinstance(a, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("rows", [1, 2, SMALL_ROWS])
+def test_eager_wide_weight_uses_threaded_product_with_f_linear_values(rows, monkeypatch):
+    """Eager fp32 inference on few rows of a wide weight: (W @ x^T)^T (one row padded to two columns),
+    equal to F.linear up to summation order; one row of a narrower weight stays F.linear."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, b = torch.randn(VECTOR_WEIGHT // 256, 256), torch.randn(VECTOR_WEIGHT // 256)
+        x = torch.randn(rows, 1, 256)
+        calls = []
+        real = F.linear
+        monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
+        with torch.no_grad():
+            for bias in (None, b):
+                got = linear(x, w, bias)
+                assert got.shape == (rows, 1, w.shape[0]) and got.is_contiguous()
+                torch.testing.assert_close(got, real(x, w, bias), rtol=1e-5, atol=1e-4)
+            assert calls == []  # the transposed product, not F.linear
+            narrow = torch.randn(WIDE_WEIGHT // 256, 256)
+            torch.testing.assert_close(linear(x, narrow), real(x, narrow), rtol=1e-5, atol=1e-4)
+            assert calls == ([1] if rows == 1 else [])  # one row needs VECTOR_WEIGHT, more rows WIDE_WEIGHT
+            assert torch.equal(linear(x.bfloat16(), w.bfloat16()), real(x.bfloat16(), w.bfloat16()))  # bf16: F.linear
+    finally:
+        torch.set_num_threads(threads)
