@@ -4,7 +4,9 @@ Rows of x are sorted by expert; `counts[e]` rows belong to expert e. Three
 implementations of the same product:
 
 * "loop": one `mm` per non-empty segment, forward and backward written in place into
-  preallocated outputs (no concatenation, no zero-filled gradient per expert);
+  preallocated outputs (no concatenation, no zero-filled gradient per expert); without
+  autograd (inference) no autograd function at all, and segments of a few rows of wide fp32
+  experts take the threaded transposed product of moeforge.ops.linear (decode steps on CPU);
 * "grouped_mm": `torch._grouped_mm` forward *and* backward (our own autograd function:
   the stock backward fails on CPU in torch 2.13 with "Invalid strides/sizes");
 * `grouped_linear_reference`: gathers each row's weight matrix and runs a batched
@@ -22,6 +24,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from moeforge.ops.linear import SMALL_ROWS, few_rows_product
 
 IMPLS = ("auto", "loop", "grouped_mm")
 
@@ -83,16 +87,9 @@ class _LoopMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        sizes = counts.tolist()
-        y = x.new_empty(x.shape[0], w.shape[1])
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                mm_rows(x, w[e].t(), y, row_chunks(start, n, x))
-            start += n
-        ctx.sizes = sizes
+        ctx.sizes = counts.tolist()
         ctx.save_for_backward(x, w)
-        return y
+        return _loop_forward(x, w, ctx.sizes)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
@@ -114,8 +111,26 @@ class _LoopMM(torch.autograd.Function):
         return gx, gw, None
 
 
+def _loop_forward(x: torch.Tensor, w: torch.Tensor, sizes: list[int], inference: bool = False) -> torch.Tensor:
+    """y[seg e] = x[seg e] @ w[e]^T for segments of `sizes` rows. With `inference`, segments of at most
+    SMALL_ROWS rows take `few_rows_product` where it is faster (fp32 CPU, wide experts: decode steps)."""
+    y = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            few = few_rows_product(x[start : start + n], w[e]) if inference and n <= SMALL_ROWS else None
+            if few is None:
+                mm_rows(x, w[e].t(), y, row_chunks(start, n, x))
+            else:
+                y[start : start + n] = few
+        start += n
+    return y
+
+
 def _loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return _LoopMM.apply(x.contiguous(), w, counts)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _LoopMM.apply(x.contiguous(), w, counts)
+    return _loop_forward(x.contiguous(), w, counts.tolist(), inference=not torch.is_grad_enabled())
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -69,15 +69,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():
         y = (x.unsqueeze(-2) * weight).sum(-1)
         return y if bias is None else y + bias
-    rows = x.numel() // x.shape[-1]
-    if (x.dtype == weight.dtype == torch.float32 and torch.get_num_threads() > 1
-            and weight.numel() >= (WIDE_WEIGHT if rows > 1 else VECTOR_WEIGHT)):
-        x2 = x.reshape(rows, -1)
-        if rows == 1:
-            x2 = torch.cat([x2, x2])  # two columns: a threaded GEMM instead of the matrix-vector kernel
-        y = torch.mm(weight, x2.t())[:, :rows].t().contiguous()
-        return (y if bias is None else y.add_(bias)).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    y = few_rows_product(x.reshape(-1, x.shape[-1]), weight)
+    if y is None:
+        return F.linear(x, weight, bias)
+    y = y.contiguous()
+    return (y if bias is None else y.add_(bias)).view(*x.shape[:-1], weight.shape[0])
+
+
+def few_rows_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x (n, K) @ weight (N, K)^T as the threaded transposed product (W @ x^T)^T, a (n, N) view, where
+    that beats BLAS's own kernel for so few rows (see above); None where it does not. Inference only:
+    the caller checks that autograd is off."""
+    n = x.shape[0]
+    if (n > SMALL_ROWS or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32
+            or torch.get_num_threads() < 2 or weight.numel() < (WIDE_WEIGHT if n > 1 else VECTOR_WEIGHT)):
+        return None
+    if n == 1:
+        x = torch.cat([x, x])  # two columns: a threaded GEMM instead of the matrix-vector kernel
+    return torch.mm(weight, x.t())[:, :n].t()
 
 
 class Linear(nn.Linear):

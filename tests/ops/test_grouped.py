@@ -110,3 +110,32 @@ def test_segment_loop_splits_long_segments_exactly(monkeypatch, dtype):
     torch.testing.assert_close(xl.grad.double(), x.grad, **tol)
     torch.testing.assert_close(wl.grad.double(), w.grad, **tol)
     assert torch.count_nonzero(wl.grad[1]) == 0
+
+
+def test_inference_loop_few_row_segments_of_wide_experts(monkeypatch):
+    """Without autograd, segments of 1-4 rows of wide fp32 experts take the threaded transposed product
+    (moeforge.ops.linear.few_rows_product) and still equal the reference; longer segments keep `mm`."""
+    from moeforge.ops import grouped
+    from moeforge.ops.linear import VECTOR_WEIGHT
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        taken = []
+        real = grouped.few_rows_product
+        def spy(a, w):
+            out = real(a, w)
+            taken.append((a.shape[0], out is not None))
+            return out
+
+        monkeypatch.setattr(grouped, "few_rows_product", spy)
+        counts = torch.tensor([1, 0, 3, 9, 4])
+        K = 256
+        w = torch.randn(len(counts), VECTOR_WEIGHT // K, K, dtype=torch.float64)
+        x = torch.randn(int(counts.sum()), K, dtype=torch.float64)
+        with torch.no_grad():
+            y = grouped_linear(x.float(), w.float(), counts, "loop")
+        torch.testing.assert_close(y.double(), grouped_linear_reference(x, w, counts), atol=1e-3, rtol=1e-4)
+        assert taken == [(1, True), (3, True), (4, True)]  # the 9-row segment went to mm
+    finally:
+        torch.set_num_threads(threads)
