@@ -63,17 +63,27 @@ def rope_inv_freq(dim: int, rope: RopeConfig) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for given positions; (T, D/2) each, fp32.
 
-    The D/2 inverse frequencies are recomputed on each call (microseconds) rather than
-    kept in a buffer, so a model built on the `meta` device needs no fix-up.
+    The D/2 inverse frequencies are not a buffer, so a model built on the `meta` device needs
+    no fix-up: they are computed once per device on first use and kept as a plain attribute
+    (recomputing them took ~15 small operations per forward, ~70 us of an eager decode step).
     """
 
     def __init__(self, dim: int, rope: RopeConfig):
         super().__init__()
         self.dim, self.rope = dim, rope
+        self._inv_freq: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq, amplitude = rope_inv_freq(self.dim, self.rope)
-        freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+        cached = self._inv_freq.get(positions.device)
+        if cached is None:
+            inv_freq, amplitude = rope_inv_freq(self.dim, self.rope)
+            cached = (inv_freq.to(positions.device), amplitude)
+            if not torch.compiler.is_compiling():  # no attribute mutation inside a traced graph
+                self._inv_freq[positions.device] = cached
+        inv_freq, amplitude = cached
+        freqs = positions.float()[..., None] * inv_freq
+        if amplitude == 1.0:
+            return freqs.cos(), freqs.sin()
         return freqs.cos() * amplitude, freqs.sin() * amplitude
 
 
