@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from moeforge.device import keep_freed_host_memory
+from moeforge.device import tune_host_memory
 from moeforge.infer.engine import Engine, SamplingParams
 from moeforge.interop.convert import convert_to_hf
 from moeforge.model.checkpoint import load_model, save_model
@@ -81,8 +81,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3], help="MTP drafts per step to measure")
     args = ap.parse_args()
-    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0 measures without); every candidate runs under it
-    print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
+    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
+    print(json.dumps({"host_memory": tune_host_memory()}))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

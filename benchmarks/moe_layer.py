@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moeforge.config import MoEConfig
-from moeforge.device import keep_freed_host_memory
+from moeforge.device import tune_host_memory
 from moeforge.model.layers import MLP
 from moeforge.model.moe import MoE
 from moeforge.ops.grouped import grouped_mm_works
@@ -87,8 +87,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
-    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0 measures without); every candidate runs under it
-    print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
+    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
+    print(json.dumps({"host_memory": tune_host_memory()}))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -17,7 +17,7 @@ import time
 import torch
 
 from moeforge.config import get_preset
-from moeforge.device import keep_freed_host_memory
+from moeforge.device import tune_host_memory
 from moeforge.infer.engine import Engine, SamplingParams
 from moeforge.model.transformer import Transformer
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 512, 256], help="prefill_chunk values (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
+    print(json.dumps({"host_memory": tune_host_memory()}))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(max_position_embeddings=args.prompt + 512)

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from moeforge.accounting import count_params, flops_per_token_train
 from moeforge.config import get_preset
-from moeforge.device import keep_freed_host_memory, matmul_tflops
+from moeforge.device import matmul_tflops, tune_host_memory
 from moeforge.model.transformer import Transformer
 from moeforge.train.balance import moe_modules, update_bias
 from moeforge.train.config import TrainConfig
@@ -86,8 +86,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time ours under torch.compile (as `moeforge train --compile`)")
     args = ap.parse_args()
-    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0 measures without); every candidate runs under it
-    print(json.dumps({"keep_freed_host_memory": keep_freed_host_memory()}))
+    # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
+    print(json.dumps({"host_memory": tune_host_memory()}))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM

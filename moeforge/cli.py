@@ -336,13 +336,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moeforge.device import tune_host_memory
+
+    tune_host_memory()  # before anything allocates a tensor (the huge-page setting is read then)
     from moeforge.train.trainer import TrainingAborted
 
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
-    from moeforge.device import keep_freed_host_memory
-
-    keep_freed_host_memory()
     try:
         args.func(args)
     except (ValueError, OSError, TrainingAborted) as e:

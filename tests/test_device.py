@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -88,9 +89,44 @@ def test_keep_freed_host_memory_applies_on_glibc_and_can_be_disabled(monkeypatch
 
     from moeforge.device import keep_freed_host_memory
 
-    fn = keep_freed_host_memory.__wrapped__  # uncached
+    fn = keep_freed_host_memory
     monkeypatch.setenv("MOEFORGE_KEEP_FREED_MEMORY", "0")
     assert fn() is False
     monkeypatch.delenv("MOEFORGE_KEEP_FREED_MEMORY")
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert fn() is True
+
+
+def test_huge_pages_requested_unless_the_user_chose(monkeypatch):
+    import sys
+
+    from moeforge.device import huge_pages_for_large_tensors
+
+    if not sys.platform.startswith("linux"):
+        assert huge_pages_for_large_tensors() is False
+        return
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "")  # recorded, so the teardown restores the original state
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert huge_pages_for_large_tensors() is True and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice stands
+    assert huge_pages_for_large_tensors() is False and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+def test_cli_process_gets_huge_pages_for_large_tensors(tmp_path):
+    """In a fresh process, tune_host_memory() before any allocation (as `moeforge` runs it) makes a
+    64 MiB tensor land on transparent huge pages, where the kernel allows them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    code = (
+        "from moeforge.device import tune_host_memory; print(tune_host_memory()['huge_pages']);"
+        "import torch; x = torch.ones(16 << 20);"
+        "print(sum(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out[0] == "True" and int(out[1]) >= 32 * 1024  # kB on huge pages: at least half the tensor
