@@ -142,7 +142,7 @@ class Engine:
         `compile`: run the decode step through `torch.compile` (Inductor; compiled on first use).
         `prefill_chunk`: prompt tokens prefilled per step (V3 family), so a long prompt does not stall
         the running sequences for its whole prefill; None prefills every admitted prompt at once.
-        `draft_tokens`: with `speculative`, tokens the MTP module drafts per step (V3 family; V4: 1)."""
+        `draft_tokens`: with `speculative`, tokens the MTP module drafts per step."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -161,8 +161,6 @@ class Engine:
         self.v4 = cfg.v4 is not None
         if self.v4 and compile:
             raise ValueError("compile is not available for DeepSeek-V4 models yet; drop --compile")
-        if draft_tokens > 1 and self.v4:
-            raise ValueError("DeepSeek-V4 speculation drafts one token; drop --draft-tokens")
         self.speculative = speculative
         self.draft_tokens = draft_tokens if speculative else 0
         p = model.embed_tokens.weight
@@ -418,8 +416,9 @@ class Engine:
         if self.speculative:
             from moeforge.infer.speculative import v4_draft
 
-            for r, n, h in zip(rows, takes, hidden):
-                v4_draft(self, [r], h, torch.tensor([self._mtp_next(r, n)], device=self.device))
+            for r, n, h in zip(rows, takes, hidden):  # drafts only matter once the prompt is complete
+                v4_draft(self, [r], h, torch.tensor([self._mtp_next(r, n)], device=self.device),
+                         chain=r.prefilled == len(r.prompt))
         return done
 
     def _chunk_done(self, rows: list[Request], takes: list[int], logits: torch.Tensor | None) -> list[Request]:

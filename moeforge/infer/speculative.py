@@ -25,10 +25,11 @@ tokens. Deeper MTP modules (mtp.num_layers > 1) are not used for drafting. The e
 acceptance rate per draft position (`EngineStats.acceptance_rate`: position i counts a row when it
 kept d_1..d_i).
 
-DeepSeek-V4 (`_v4_speculative_step`, `v4_draft`): the same rule with one draft over per-request V4
-caches. A V4 cache cannot drop its last token, so a row that rejects its draft re-runs x_n alone
-from the cache it had before the verify forward (a forward leaves the cache it was given as it
-was), and the MTP module keeps its own per-request cache (`Request.mtp_state`).
+DeepSeek-V4 (`_v4_speculative_step`, `v4_draft`): the same rule, k drafts included, over per-request
+V4 caches. A V4 cache cannot drop tokens, so a row that keeps m of the k+1 verified positions re-runs
+its first m inputs from the cache it had before the verify forward (a forward leaves the cache it was
+given as it was), and the MTP module keeps its own per-request cache (`Request.mtp_state`), which the
+chained drafts continue as copies.
 
 Shapes: B rows, T tokens, D hidden, V vocab, k drafts.
 """
@@ -108,16 +109,25 @@ def _add_drafts(rows: list[Request], logits: torch.Tensor) -> None:
             req.drafts.append(greedy[i])
 
 
-def v4_draft(engine: Engine, rows: list[Request], hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
+def v4_draft(engine: Engine, rows: list[Request], hidden: torch.Tensor, next_ids: torch.Tensor,
+             chain: bool = True) -> None:
     """DeepSeek-V4: run the first MTP module over T new positions per row (each row's own MTP cache,
-    `Request.mtp_state`) and draft from the last one. hidden (B, T, D): main states; next_ids (B, T)."""
+    `Request.mtp_state`) and draft from the last one. hidden (B, T, D): main states; next_ids (B, T).
+    With `engine.draft_tokens` k > 1 and `chain`, the module then runs k-1 more single positions on its
+    own output state and the previous draft, as for V3. A V4 cache cannot drop entries, so the chain
+    continues copies (the cache objects a forward returns) and the committed `mtp_state` stays as it was."""
     model = engine.model
     module = model.mtp[0]
     h, caches, _ = module.step(model.embed_tokens(next_ids), hidden, next_ids, [r.mtp_state for r in rows])
     for req, c in zip(rows, caches):
         req.mtp_state = c
         req.drafts, req.draft_probs = [], []
+    h = h[:, -1:]
     _add_drafts(rows, model.lm_head(module.norm(h[:, -1])))
+    for _ in range(engine.draft_tokens - 1 if chain else 0):
+        ids = torch.tensor([[r.drafts[-1]] for r in rows], device=hidden.device)
+        h, caches, _ = module.step(model.embed_tokens(ids), h, ids, caches)
+        _add_drafts(rows, model.lm_head(module.norm(h[:, -1])))
 
 
 def _accept(req: Request, logits: torch.Tensor) -> list[int]:
@@ -156,33 +166,36 @@ def _count(engine: Engine, kept: list[list[int]]) -> None:
 
 
 def _v4_speculative_step(engine: Engine, rows: list[Request]) -> None:
-    """DeepSeek-V4: verify [pending, draft] for all rows in one forward over their own caches. V4 caches
-    cannot drop a token, so a row that rejects its draft re-runs its pending token from the previous
-    cache (the old cache objects are left intact by a forward)."""
+    """DeepSeek-V4: verify [pending, d_1..d_k] for all rows in one forward over their own caches. V4
+    caches cannot drop a token, so a row that keeps m < k+1 tokens re-runs its first m inputs from the
+    cache it had before (a forward leaves the cache objects it was given intact); rows keeping the
+    same m share that forward."""
     model = engine.model
     layers = range(len(rows[0].state))
-    ids = torch.tensor([[r.pending, *r.drafts] for r in rows], device=engine.device)  # (B, 2)
+    ids = torch.tensor([[r.pending, *r.drafts] for r in rows], device=engine.device)  # (B, k+1)
     out = model(ids, cache=[[r.state[i] for r in rows] for i in layers], mtp=False, return_cache=True)
     kept = [_accept(r, out.logits[i]) for i, r in enumerate(rows)]
+    k1 = ids.shape[1]
     for j, r in enumerate(rows):
-        if len(kept[j]) == 2:
+        if len(kept[j]) == k1:
             r.state = [layer[j] for layer in out.cache]
-    rerun = [r for r, k in zip(rows, kept) if len(k) == 1]
-    if rerun:
-        ids1 = torch.tensor([[r.pending] for r in rerun], device=engine.device)
-        o1 = model(ids1, cache=[[r.state[i] for r in rerun] for i in layers], mtp=False, return_cache=True)
-        for j, r in enumerate(rerun):
-            r.state = [layer[j] for layer in o1.cache]
+    for m in range(1, k1):
+        group = [j for j, t in enumerate(kept) if len(t) == m]
+        if group:
+            o = model(ids[group, :m], cache=[[rows[j].state[i] for j in group] for i in layers], mtp=False,
+                      return_cache=True)
+            for g, j in enumerate(group):
+                rows[j].state = [layer[g] for layer in o.cache]
     _count(engine, kept)
     for req, k in zip(rows, kept):
         req.pending = k[-1]
         for tok in k:
             engine._append(req, tok)
-    for n in (1, 2):  # MTP: (h_n, d), (h_{n+1}, b) for rows keeping [d, b]; (h_n, t) for rows keeping [t]
-        group = [j for j, k in enumerate(kept) if len(k) == n]
+    for m in range(1, k1 + 1):  # MTP over (h_n, t_1) .. (h_{n+m-1}, t_m) for rows keeping t_1..t_m
+        group = [j for j, k in enumerate(kept) if len(k) == m]
         if group:
             nxt = torch.tensor([kept[j] for j in group], device=engine.device)
-            v4_draft(engine, [rows[j] for j in group], out.hidden[group, :n], nxt)
+            v4_draft(engine, [rows[j] for j in group], out.hidden[group, :m], nxt)
 
 
 def speculative_step(engine: Engine, rows: list[Request]) -> None:

@@ -74,12 +74,14 @@ def test_per_row_caches_equal_separate_forwards(model):
     assert [c.length for c in out.cache[0]] == [len(p) + 1 for p in PROMPTS]
 
 
-def test_v4_speculative_greedy_equals_plain_greedy(model, speculate_with_oracle):
+@pytest.mark.parametrize("k", [1, 3])
+def test_v4_speculative_greedy_equals_plain_greedy(model, speculate_with_oracle, k):
     plain = [r.output for r in Engine(model, max_batch=3).generate(PROMPTS, GREEDY)]
-    eng = Engine(model, max_batch=3, speculative=True)
+    eng = Engine(model, max_batch=3, speculative=True, draft_tokens=k)
     assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
-    # some rows accept, some reject: both MTP groups (1 and 2 kept tokens) run in one step
-    speculate_with_oracle(model, PROMPTS, GREEDY, plain, "v4_draft", lambda i: i != 1)
+    # some rows accept, some reject: MTP groups of different kept counts run in one step, and rows
+    # keeping m < k+1 tokens re-run them from their previous cache
+    speculate_with_oracle(model, PROMPTS, GREEDY, plain, "v4_draft", lambda i: i != 1, draft_tokens=k)
 
 
 def test_v4_engine_seeded_sampling_and_refusals(model):
@@ -91,6 +93,29 @@ def test_v4_engine_seeded_sampling_and_refusals(model):
         Engine(model, compile=True)
     # sampled speculation: a seeded request gives the same tokens alone and batched
     spec = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=5)
-    one = Engine(model, max_batch=1, speculative=True).generate([PROMPTS[2]], spec)[0].output
-    many = Engine(model, max_batch=3, speculative=True).generate(PROMPTS, [spec] * 3)[2].output
-    assert len(one) == 10 and one == many
+    for k in (1, 2):
+        one = Engine(model, max_batch=1, speculative=True, draft_tokens=k).generate([PROMPTS[2]], spec)[0].output
+        many = Engine(model, max_batch=3, speculative=True, draft_tokens=k).generate(PROMPTS, [spec] * 3)[2].output
+        assert len(one) == 10 and one == many
+
+
+def test_v4_chained_drafts_follow_the_mtp_module(model):
+    """With 2 drafts, draft 2 is the MTP module's prediction from its own state after draft 1, recomputed
+    here without caches: module over (h_{i-1}, x_i) for all positions -> state m and d_1 at the last;
+    the same positions plus (m, d_1) -> d_2 at the new last one."""
+    eng = Engine(model, max_batch=1, speculative=True, draft_tokens=2)
+    req = eng.submit(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0))
+    for _ in range(3):
+        eng.step()
+    seq = torch.tensor([req.prompt + req.output])  # cached tokens, then `pending` (output[-1])
+    module = model.mtp[0]
+
+    def draft(ids, prev):
+        h, _, _ = module.step(model.embed_tokens(ids), prev, ids)
+        return h[:, -1:], int(model.lm_head(module.norm(h[0, -1])).argmax())
+
+    with torch.no_grad():
+        hidden = model(seq, mtp=False).hidden
+        m, d1 = draft(seq[:, 1:], hidden[:, :-1])
+        _, d2 = draft(torch.cat([seq[:, 1:], torch.tensor([[d1]])], 1), torch.cat([hidden[:, :-1], m], 1))
+    assert req.drafts == [d1, d2]
