@@ -199,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not ids:
         raise ValueError("the prompt is empty after tokenization; give some text with --prompt")
     engine = Engine(model, max_batch=1, tokenizer=tok, speculative=args.speculative, compile=args.compile,
-                    draft_tokens=args.draft_tokens)
+                    draft_tokens=_draft_tokens(args))
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     req = engine.submit(ids, params)
@@ -213,6 +213,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"MTP draft acceptance: {', '.join(f'{r:.2f}' for r in rate)}", file=sys.stderr)
 
 
+DEFAULT_DRAFT_TOKENS = 3  # the best of 1-3 for eager decoding of the demo model (docs/benchmarks.md)
+
+
+def _draft_tokens(args: argparse.Namespace) -> int:
+    """--draft-tokens, defaulting to DEFAULT_DRAFT_TOKENS with --speculative (1, i.e. unused, without)."""
+    if args.draft_tokens is not None:
+        return args.draft_tokens
+    return DEFAULT_DRAFT_TOKENS if args.speculative else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -223,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach this port can use the model")
     app = load_server(args.ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                      max_len=args.max_len, speculative=args.speculative, draft_tokens=args.draft_tokens,
+                      max_len=args.max_len, speculative=args.speculative, draft_tokens=_draft_tokens(args),
                       compile=args.compile, prefill_chunk=args.prefill_chunk or None, api_key=args.api_key,
                       model_name=args.model_name, max_concurrent=args.max_concurrent,
                       threads="auto" if args.threads is None else args.threads)
@@ -290,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    gen.add_argument("--draft-tokens", type=int, default=1, metavar="K",
-                     help="with --speculative: tokens the MTP module drafts per step (default 1)")
+    gen.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                     help=f"with --speculative: tokens the MTP module drafts per step (default {DEFAULT_DRAFT_TOKENS})")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (V3 family; ~20-60 s to compile on a small CPU, then faster)")
     gen.set_defaults(func=cmd_generate)
@@ -307,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests running or waiting before 429 (default 4 x max-batch)")
     srv.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     srv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    srv.add_argument("--draft-tokens", type=int, default=1, metavar="K",
-                     help="with --speculative: tokens the MTP module drafts per step (default 1)")
+    srv.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                     help=f"with --speculative: tokens the MTP module drafts per step (default {DEFAULT_DRAFT_TOKENS})")
     srv.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (compiled before the server starts listening)")
     srv.add_argument("--prefill-chunk", type=int, default=512, metavar="N",

@@ -97,6 +97,13 @@ def test_outputs_on_disk_and_generate(corpus, tmp_path, capsys):
     assert first.startswith("def ") and len(first) > 5
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == first  # greedy: same text from the run folder and the checkpoint
+    # speculative: the same greedy text; 3 drafts per step unless --draft-tokens says otherwise
+    for extra, drafts in (([], 3), (["--draft-tokens", "1"], 1)):
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0",
+                     "--speculative", *extra]) == 0
+        out = capsys.readouterr()
+        rates = [ln for ln in out.err.splitlines() if ln.startswith("MTP draft acceptance:")]
+        assert out.out == first and len(rates) == 1 and rates[0].count(",") == drafts - 1
     assert main(["plot", str(run)]) == 0
 
 
