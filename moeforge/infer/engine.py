@@ -180,13 +180,14 @@ class Engine:
         self.prefilling: list[Request] = []  # admitted, prompt still being cached: slots after the active ones
         self.waiting: deque[Request] = deque()
         self.inbox: deque[Request] = deque()  # submitted, not yet seen by step(): safe to append from any thread
-        from moeforge.infer.speculative import mtp_logits
+        from moeforge.infer.speculative import mtp_chain_logits, mtp_logits
 
         # the decode-time forwards (plain decode, speculative verify, MTP draft); prefill stays eager.
         # Sizes start static and become symbolic when they change (automatic dynamic shapes): a few
         # compiles while the context length and batch size first move, then none.
         self._forward_fn = torch.compile(self._forward) if compile else self._forward
         self._mtp_fn = torch.compile(mtp_logits) if compile else mtp_logits
+        self._mtp_chain_fn = torch.compile(mtp_chain_logits) if compile else mtp_chain_logits
         self.stats = self._new_stats()
 
     def _new_stats(self) -> EngineStats:

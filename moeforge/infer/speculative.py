@@ -60,6 +60,14 @@ def mtp_logits(model, next_ids: torch.Tensor, hidden: torch.Tensor, pos: torch.T
     return model.lm_head(module.norm(h)), h
 
 
+def mtp_chain_logits(model, next_ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, cache,
+                     last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mtp_logits` for the one-position chain passes of k > 1 drafts. A function of its own so that a
+    compiled engine keeps their graphs apart from the (k+1)-position update's: Dynamo counts recompiles
+    per function, and both kinds over every batch size passed its limit of 8 (the rest then ran eager)."""
+    return mtp_logits(model, next_ids, hidden, pos, cache, last)
+
+
 def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor, next_ids: torch.Tensor,
               counts: list[int], pos: torch.Tensor, absorbed: bool = True, chain: bool = True) -> None:
     """Extend the MTP cache of slots lo.. with `counts[i]` positions and draft each row's next tokens.
@@ -89,7 +97,7 @@ def mtp_draft(engine: Engine, rows: list[Request], lo: int, hidden: torch.Tensor
     zero = torch.zeros(B, dtype=torch.long, device=hidden.device)
     for _ in range(extra):
         ids = torch.tensor([[r.drafts[-1]] for r in rows], device=hidden.device)
-        logits, h = engine._mtp_fn(engine.model, ids, h.unsqueeze(1), cache.positions(lo, lo + B),
+        logits, h = engine._mtp_chain_fn(engine.model, ids, h.unsqueeze(1), cache.positions(lo, lo + B),
                                    cache.step(lo, lo + B, 1)[0], zero)
         cache.commit(lo, [1] * B)  # so the next chain position attends to this one
         _add_drafts(rows, logits)
