@@ -127,6 +127,47 @@ def test_fused_inference_path_matches_sorted_segments(limit):
     assert torch.equal(counts, want_counts)
 
 
+@pytest.mark.parametrize("limit", [0.0, 0.5])
+def test_dense_inference_path_matches_sorted_segments(limit):
+    """Every expert on every token, gate-weighted (eager inference on a few tokens of a few-expert model)
+    == the segment path; the block takes it only where `_dense_pays` says so."""
+    moe = _init(MoE(D, _v3_cfg(), swiglu_limit=limit)).double()
+    moe.gate.weight.data = moe.gate.weight.data.float()
+    flat = torch.randn(5, D, dtype=torch.float64)
+    r = moe.gate(flat)
+    want, want_counts = moe._routed(flat, r)
+    got, counts = moe._routed_dense(flat, r)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(counts, want_counts)
+    with torch.no_grad():
+        b16 = moe.to(torch.bfloat16)
+        b16.gate.float()
+        fb = flat.bfloat16()
+        rb = b16.gate(fb)
+        torch.testing.assert_close(b16._routed_dense(fb, rb)[0].float(), b16._routed(fb, rb)[0].float(),
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_dense_path_only_where_it_pays(monkeypatch):
+    moe = _init(MoE(D, _v3_cfg()))  # 16 experts, top-4: E / K = 4
+    taken = []
+    real = MoE._routed_dense
+    monkeypatch.setattr(MoE, "_routed_dense", lambda self, f, r: taken.append(f.shape[0]) or real(self, f, r))
+    x = torch.randn(1, 4, D)
+    with torch.no_grad():
+        moe(x)  # 4 tokens x 4 choices cover the 16 experts
+        moe(x[:, :3])  # 12 choices < 16 experts: the segment path
+        moe(torch.randn(1, 9, D))  # 36 choices: over 2 rows per expert, the segment loop again
+    y, _ = moe(x)  # autograd on: the segment path
+    assert taken == [4]
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], y.detach(), atol=1e-6, rtol=1e-6)
+    wide = _init(MoE(D, _v3_cfg(n_routed_experts=32, n_group=4)))  # E / K = 8: too many FLOPs for dense
+    with torch.no_grad():
+        wide(torch.randn(1, 8, D))
+    assert taken == [4, 4]
+
+
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
 def test_moe_backward_matches_reference(impl):
     if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.float32):
