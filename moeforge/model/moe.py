@@ -41,12 +41,10 @@ from torch import nn
 from moeforge.config import MoEConfig
 from moeforge.model.layers import MLP
 from moeforge.ops.grouped import grouped_linear, pick_impl
-from moeforge.ops.linear import linear
+from moeforge.ops.linear import SMALL_ROWS, linear
 from moeforge.ops.permute import combine, dispatch
 from moeforge.ops.routed import routed_swiglu
 from moeforge.ops.swiglu import swiglu
-
-DENSE_MAX_RATIO = 4  # eager inference may run every expert on every token when E / K is at most this (MoE._dense_pays)
 
 
 @dataclass
@@ -241,15 +239,16 @@ class MoE(nn.Module):
 
     def _dense_pays(self, n: int) -> bool:
         """Eager inference on n tokens: run every expert on every token (`_routed_dense`) when their n*K
-        choices would give the segment loop about one row per expert (E <= n*K <= 2E) and running all E
-        experts costs at most E/K <= DENSE_MAX_RATIO times the routed FLOPs. Only models with few experts
-        per choice qualify (the tiny presets, Mixtral-like 8-choose-2), at 2-8 tokens; DeepSeek-V2/V3,
-        Kimi-K2 and V4 never do. Measured on the demo model: a 4-row verify gains (below); a batch of 8
-        (2 rows per expert) measured the same either way (1,431 vs 1,408 tok/s), hence the upper bound."""
-        cfg, ex = self.cfg, self.experts
+        choices cover about all E experts anyway (n*K >= E), n <= SMALL_ROWS and there is more than one
+        thread (the stacked gate|up product then runs as moeforge.ops.linear's threaded few-row product).
+        With n <= 4 that means E <= 4K: at most 4x the routed FLOPs, so only models with few experts per
+        choice qualify (the tiny presets, Mixtral-like 8-choose-2); DeepSeek-V2/V3, Kimi-K2 and V4 never do.
+        Demo model, its 3 MoE layers on n rows (us, dense vs segment loop, hot): 2 threads n=4 635 vs 850,
+        n=5 1,322 vs 1,203, n=8 1,074 vs 1,019; 1 thread n=4 1,474 vs 900."""
+        cfg = self.cfg
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-        return (not torch.is_grad_enabled() and type(ex) is GroupedExperts and E <= n * K <= 2 * E
-                and E <= DENSE_MAX_RATIO * K)
+        return (not torch.is_grad_enabled() and type(self.experts) is GroupedExperts and E <= n * K
+                and n <= SMALL_ROWS and torch.get_num_threads() > 1)
 
     def _routed_dense(self, flat: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert on every token, weighted by the gate (zero for the experts a token did not choose):

@@ -154,18 +154,24 @@ def test_dense_path_only_where_it_pays(monkeypatch):
     real = MoE._routed_dense
     monkeypatch.setattr(MoE, "_routed_dense", lambda self, f, r: taken.append(f.shape[0]) or real(self, f, r))
     x = torch.randn(1, 4, D)
-    with torch.no_grad():
-        moe(x)  # 4 tokens x 4 choices cover the 16 experts
-        moe(x[:, :3])  # 12 choices < 16 experts: the segment path
-        moe(torch.randn(1, 9, D))  # 36 choices: over 2 rows per expert, the segment loop again
-    y, _ = moe(x)  # autograd on: the segment path
-    assert taken == [4]
-    with torch.no_grad():
-        torch.testing.assert_close(moe(x)[0], y.detach(), atol=1e-6, rtol=1e-6)
-    wide = _init(MoE(D, _v3_cfg(n_routed_experts=32, n_group=4)))  # E / K = 8: too many FLOPs for dense
-    with torch.no_grad():
-        wide(torch.randn(1, 8, D))
-    assert taken == [4, 4]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            moe(x)  # 4 tokens x 4 choices cover the 16 experts
+            moe(x[:, :3])  # 12 choices < 16 experts: the segment path
+            moe(torch.randn(1, 5, D))  # more than SMALL_ROWS tokens: the segment path
+        y, _ = moe(x)  # autograd on: the segment path
+        assert taken == [4]
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x)[0], y.detach(), atol=1e-6, rtol=1e-6)
+            wide = _init(MoE(D, _v3_cfg(n_routed_experts=32, n_group=4)))  # E / K = 8: 4 rows never cover it
+            wide(torch.randn(1, 4, D))
+            torch.set_num_threads(1)
+            moe(x)  # one thread: the segment path
+        assert taken == [4, 4]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
