@@ -115,28 +115,16 @@ def test_moe_block_matches_per_token_reference_and_hf():
 
 
 @pytest.mark.parametrize("limit", [0.0, 0.5])
-def test_fused_inference_path_matches_sorted_segments(limit):
-    """The sort-free path used inside compiled decode graphs == the segment path (outputs and counts)."""
+@pytest.mark.parametrize("path", ["_routed_fused", "_routed_dense"])
+def test_inference_paths_match_sorted_segments(path, limit):
+    """The sort-free path of compiled decode graphs, and every expert on every token (eager inference on a
+    few tokens of a few-expert model), == the segment path: outputs and counts, in fp64 and in bf16."""
     moe = _init(MoE(D, _v3_cfg(), swiglu_limit=limit)).double()
     moe.gate.weight.data = moe.gate.weight.data.float()
     flat = torch.randn(5, D, dtype=torch.float64)
     r = moe.gate(flat)
     want, want_counts = moe._routed(flat, r)
-    got, counts = moe._routed_fused(flat, r)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
-    assert torch.equal(counts, want_counts)
-
-
-@pytest.mark.parametrize("limit", [0.0, 0.5])
-def test_dense_inference_path_matches_sorted_segments(limit):
-    """Every expert on every token, gate-weighted (eager inference on a few tokens of a few-expert model)
-    == the segment path; the block takes it only where `_dense_pays` says so."""
-    moe = _init(MoE(D, _v3_cfg(), swiglu_limit=limit)).double()
-    moe.gate.weight.data = moe.gate.weight.data.float()
-    flat = torch.randn(5, D, dtype=torch.float64)
-    r = moe.gate(flat)
-    want, want_counts = moe._routed(flat, r)
-    got, counts = moe._routed_dense(flat, r)
+    got, counts = getattr(moe, path)(flat, r)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert torch.equal(counts, want_counts)
     with torch.no_grad():
@@ -144,7 +132,7 @@ def test_dense_inference_path_matches_sorted_segments(limit):
         b16.gate.float()
         fb = flat.bfloat16()
         rb = b16.gate(fb)
-        torch.testing.assert_close(b16._routed_dense(fb, rb)[0].float(), b16._routed(fb, rb)[0].float(),
+        torch.testing.assert_close(getattr(b16, path)(fb, rb)[0].float(), b16._routed(fb, rb)[0].float(),
                                    atol=2e-2, rtol=2e-2)
 
 
