@@ -256,7 +256,7 @@ class MoE(nn.Module):
         and no sort, host sync or per-expert loop. Each token's output is the same sum as the routed path's
         (the unchosen experts add exact zeros) up to summation order; the K outputs are summed in >= fp32.
         Eager decode of the demo model (16 experts, top-4): a 4-row speculative verify and the MTP
-        update take this path, and 3-draft speculation ran 378 -> 425 tok/s (same-process A/B)."""
+        update take this path, and 3-draft speculation ran 419 -> 459 tok/s (same-process A/B, fp32)."""
         E = self.cfg.n_routed_experts
         ex = self.experts
         N = flat.shape[0]
