@@ -45,7 +45,7 @@ PEAK_TFLOPS: MappingProxyType[str, MappingProxyType[str, float]] = MappingProxyT
 })
 
 
-# ------------------------------------------------------------------ detection
+# ------------------------------------------------------------------ host memory
 @functools.cache
 def tune_host_memory() -> dict[str, bool]:
     """Linux: the two host-allocator settings the CLI and the benchmark scripts run under.
@@ -97,6 +97,7 @@ def huge_pages_for_large_tensors() -> bool:
     return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
+# ------------------------------------------------------------------ detection
 @functools.cache
 def _load_plugins() -> tuple[str, ...]:
     """Import out-of-tree device plugins that register themselves with torch (today: torch_npu)."""
