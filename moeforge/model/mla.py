@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import AttentionConfig, yarn_mscale
 from moeforge.model.layers import RMSNorm, apply_rope
+from moeforge.ops.attention import attend, causal_keep
 from moeforge.ops.linear import Linear
 
 
@@ -112,32 +112,19 @@ class MLA(nn.Module):
     def _causal_mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:
         if T == 1:
             return None  # one new token sees the whole past
-        # query t (at absolute position S - T + t) sees keys 0..S-T+t
-        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+        return causal_keep(T, S, device)
 
     def _attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV) -> torch.Tensor:
         cfg = self.cfg
-        B, T, H, _ = q_nope.shape
+        B, _, H, _ = q_nope.shape
         S = kv.latent.shape[1]
         kvb = self.kv_b_proj(kv.latent).view(B, S, H, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kvb.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, kv.k_rope.unsqueeze(2).expand(B, S, H, cfg.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,*,D)
-        dv = v.shape[-1]
-        if dv < q.shape[-1]:
-            # PyTorch's fused (flash) attention wants equal key and value widths; otherwise it falls back
-            # to the math path that materialises (T, S) scores: 12 s vs 0.65 s at 16K tokens on the dev
-            # CPU. Zero-padding V to the key width and dropping the padding after is exact.
-            v = F.pad(v, (0, q.shape[-1] - dv))
-        if kv.mask is not None:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask.unsqueeze(1), scale=self.softmax_scale)
-        elif T == S:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
-        else:
-            mask = self._causal_mask(T, S, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return o[..., :dv].transpose(1, 2)  # (B,T,H,V)
+        mask = None if kv.mask is None else kv.mask.unsqueeze(1)
+        return attend(q, k, v, self.softmax_scale, causal=True, mask=mask).transpose(1, 2)  # (B,T,H,V)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV) -> torch.Tensor:
         T = q_nope.shape[1]
