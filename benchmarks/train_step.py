@@ -1,10 +1,12 @@
 """Training throughput: moeforge's tiny preset vs the same architecture as HF DeepseekV3ForCausalLM.
 
 Both run full training steps — forward, next-token cross-entropy, backward, gradient
-clipping, AdamW step — on the same random token batches, same config, batch size and
+clipping, AdamW step — on the same token batches (windows of the demo's corpus, or random
+ids with `--data random`), same config, batch size and
 sequence length, measured in the same process in alternating rounds (median). HF's
-DeepseekV3 has no MTP head, so moeforge runs twice: without MTP (the same work as HF)
-and as the trainer runs it (with the MTP loss, the balance loss and the bias update).
+DeepseekV3 has no MTP head, so moeforge runs twice: without MTP (the same work as HF, plus
+the auxiliary-loss-free bias update, which keeps expert loads even as in any moeforge run)
+and as the trainer runs it (with the MTP loss and the balance loss as well).
 HF runs with its sdpa and its eager attention; ratios are against the faster of the two.
 MFU uses accounting.flops_per_token_train against the peak from moeforge.device (on a
 CPU: the matmul throughput measured here, since CPUs have no vendor figure).
@@ -25,6 +27,8 @@ from rich.table import Table
 
 from moeforge.accounting import count_params, flops_per_token_train
 from moeforge.config import get_preset
+from moeforge.data.prepare import DataConfig, prepare_data
+from moeforge.data.sampler import BatchSampler
 from moeforge.device import matmul_tflops, tune_host_memory
 from moeforge.model.transformer import Transformer
 from moeforge.train.balance import moe_modules, update_bias
@@ -49,8 +53,8 @@ def ours_step(model: Transformer, cfg: TrainConfig, batches, autocast, mtp: bool
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
-        if mtp:
-            update_bias(moes, out.expert_counts.float(), cfg.bias_update_speed)
+        counts = out.expert_counts.float()  # main layers, then MTP layers when it ran
+        update_bias(moes[: counts.shape[0]], counts, cfg.bias_update_speed)  # as the trainer does, MTP or not
 
     return step
 
@@ -88,6 +92,9 @@ def main() -> None:
     ap.add_argument("--hf-experts", default="grouped_mm", help="HF experts implementation: eager or grouped_mm")
     ap.add_argument("--hf-attention", nargs="+", default=["sdpa", "eager"],
                     help="HF attention implementations to time; ratios are against the fastest")
+    ap.add_argument("--data", choices=["stdlib", "random"], default="stdlib",
+                    help="token windows from the demo's corpus (expert loads as in real training) or uniform random "
+                         "ids (on which the routers of both models send most tokens to a few experts)")
     ap.add_argument("--compile", action="store_true",
                     help="also time ours under torch.compile (as `moeforge train --compile`)")
     args = ap.parse_args()
@@ -105,7 +112,12 @@ def main() -> None:
         return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     n = args.repeats + args.warmup
-    batches = [torch.randint(0, mcfg.vocab_size, (args.batch, args.seq + 1)) for _ in range(3 * n)]
+    if args.data == "stdlib":  # the demo's corpus and tokenizer (built once, then cached)
+        data = prepare_data(DataConfig(vocab_size=mcfg.vocab_size), progress=False)
+        sampler = BatchSampler(data.train, args.batch, args.seq, seed=0)
+        batches = [sampler.next() for _ in range(3 * n)]
+    else:
+        batches = [torch.randint(0, mcfg.vocab_size, (args.batch, args.seq + 1)) for _ in range(3 * n)]
     ours = Transformer(mcfg)
 
     def hf_model(attn: str):
