@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeforge.ops.onednn import mm
+
 CHUNK = 512  # rows per chunk: 512 x 4096 fp32 logits = 8 MiB
 
 
@@ -41,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
             # cast first: the fused mixed-dtype form (dtype=acc) is ~4x slower on CPU for bf16 logits
-            logp = torch.log_softmax((hc @ w.t()).to(acc), dim=-1)
+            logp = torch.log_softmax(mm(hc, w.t()).to(acc), dim=-1)
             total -= logp.gather(1, tc[:, None]).sum()
             if gh is None and gw is None:
                 continue
@@ -49,9 +51,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
             p = p.div_(n).to(h.dtype)  # d(mean loss)/d(logits) of this chunk
             if gh is not None:
-                torch.mm(p, w, out=gh[s : s + chunk])
+                gh[s : s + chunk] = mm(p, w)
             if gw is not None:
-                gw += (p.t() @ hc).to(acc)
+                gw += mm(p.t(), hc).to(acc)
         ctx.save_for_backward(gh, None if gw is None else gw.to(w.dtype))
         return total / n
 

@@ -25,6 +25,7 @@ import functools
 
 import torch
 
+from moeforge.ops import onednn
 from moeforge.ops.linear import SMALL_ROWS, few_rows_product
 
 IMPLS = ("auto", "loop", "grouped_mm")
@@ -39,7 +40,8 @@ ROW_BUCKET = 32  # reduced-precision CPU matmuls (oneDNN): expert segments take 
 
 
 def row_bucket(x: torch.Tensor) -> int:
-    """Rows per bucket for this input. oneDNN, which runs bf16/fp16 matmuls on CPU, builds a kernel for
+    """Rows per bucket for this input. oneDNN, which runs bf16/fp16 matmuls on CPU (and fp32 where
+    moeforge.ops.onednn picks it), builds a kernel for
     every new shape (0.4-0.9 ms each on the dev CPU, 5-10x the product itself) and keeps a bounded cache
     of them: with a fresh row count per expert per step, a bf16 training run spent its first ~75 steps
     ramping from 6,300 to 9,500 tokens/s, and a bf16 prefill of a new prompt took 2-3x its cached time.
@@ -47,7 +49,8 @@ def row_bucket(x: torch.Tensor) -> int:
     the remainder (`row_chunks`, `mm_rows`, `mm_sum_rows`; the segment loop here and the fused routed
     experts in moeforge.ops.routed). Smaller segments (decode steps) are at most ROW_BUCKET shapes
     already and stay whole."""
-    return ROW_BUCKET if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else 1
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    return ROW_BUCKET if x.device.type == "cpu" and (low or onednn.takes_onednn(x)) else 1
 
 
 def row_chunks(start: int, n: int, x: torch.Tensor) -> list[slice]:
@@ -63,14 +66,24 @@ def row_chunks(start: int, n: int, x: torch.Tensor) -> list[slice]:
 
 
 def mm_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
-    """out[rows] = a[rows] @ b for each part of `row_chunks`; returns out."""
+    """out[rows] = a[rows] @ b for each part of `row_chunks`; returns out. fp32 on oneDNN where it is
+    faster (moeforge.ops.onednn; its result is copied into out)."""
+    fast = onednn.takes_onednn(a, b)
     for rows in parts:
-        torch.mm(a[rows], b, out=out[rows])
+        if fast:
+            out[rows] = onednn.mm(a[rows], b)
+        else:
+            torch.mm(a[rows], b, out=out[rows])
     return out
 
 
 def mm_sum_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
     """out = a^T @ b summed over the row parts of `row_chunks` (a weight gradient); returns out."""
+    if onednn.takes_onednn(a, b):
+        out.copy_(onednn.mm(a[parts[0]].t(), b[parts[0]]))
+        for rows in parts[1:]:
+            out.add_(onednn.mm(a[rows].t(), b[rows]))
+        return out
     torch.mm(a[parts[0]].t(), b[parts[0]], out=out)
     for rows in parts[1:]:
         out.addmm_(a[rows].t(), b[rows])

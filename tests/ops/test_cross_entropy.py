@@ -45,25 +45,29 @@ def test_two_losses_through_one_head_sum_their_gradients():
 def test_only_the_gradient_asked_for_is_computed(which, monkeypatch):
     h, w, t = _case(20)
     (h if which == "w" else w).requires_grad_(False)
-    products = []
-    real_mm = torch.mm
-    monkeypatch.setattr(cross_entropy.torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
+    shapes = []
+    real_mm = cross_entropy.mm
+    monkeypatch.setattr(cross_entropy, "mm", lambda a, b: shapes.append((a.shape[0], b.shape[1])) or real_mm(a, b))
     loss = linear_cross_entropy(h, w, t, 8)
     (g,) = torch.autograd.grad(loss, [h if which == "h" else w])
     ref = linear_cross_entropy_reference(h, w, t)
     (want,) = torch.autograd.grad(ref, [h if which == "h" else w])
     torch.testing.assert_close(g, want)
-    assert len(products) == (3 if which == "h" else 0)  # one gh product per chunk of 8 rows
+    logits = [s for s in shapes if s[1] == 50]  # (rows, vocab): one per chunk of 8 rows
+    grad_h = [s for s in shapes if s[1] == 16 and s[0] != 50]  # (rows, hidden)
+    grad_w = [s for s in shapes if s == (50, 16)]  # (vocab, hidden)
+    assert len(logits) == 3
+    assert (len(grad_h), len(grad_w)) == ((3, 0) if which == "h" else (0, 3))
 
 
 def test_without_autograd_only_the_loss_is_computed(monkeypatch):
     h, w, t = _case(20)
     products = []
-    real_mm = torch.mm
-    monkeypatch.setattr(cross_entropy.torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
+    real_mm = cross_entropy.mm
+    monkeypatch.setattr(cross_entropy, "mm", lambda a, b: products.append(b.shape[1]) or real_mm(a, b))
     with torch.no_grad():
         loss = linear_cross_entropy(h, w, t, 8)
-    assert loss.grad_fn is None and products == []
+    assert loss.grad_fn is None and products == [50, 50, 50]  # the logits of 3 chunks, no gradient products
     torch.testing.assert_close(loss.float(), linear_cross_entropy_reference(h, w, t))
 
 
