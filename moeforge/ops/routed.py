@@ -6,11 +6,15 @@ the activations (M, I) the backward pass needs. Here each expert's segment is ga
 into a small buffer, multiplied, activated, multiplied again and summed into the token
 rows while it is still in cache, so only the gate|up pre-activations (M, 2I) are kept
 for the backward pass, which recomputes the activation per segment. Same sums in the
-same order: in fp32 the outputs and gradients equal the unfused route's bit for bit on
-CPU (tested); in bf16 the input gradient is summed over each token's K experts in fp32,
-as the output is. In bf16/fp16 on CPU each expert's products run as a multiple of 32 rows
-plus the remainder, to bound the shapes oneDNN meets (moeforge.ops.grouped.row_bucket).
-What it buys is memory: for benchmarks/moe_layer.py's block (4096
+same order: the outputs and gradients equal the unfused route's (bit for bit in fp32 where
+both take the same kernels; tested); in bf16 the input gradient is summed over each token's K
+experts in fp32, as the output is. Where products run on oneDNN (bf16/fp16 on CPU, and fp32
+where moeforge.ops.onednn picks it) each segment is multiplied as its row count rounded up to
+a multiple of 32 (moeforge.ops.grouped.row_bucket), the extra rows zero in the inputs and the
+output gradient, so they add nothing: oneDNN builds a kernel per new shape, and one product
+per segment, used in place, beat the earlier split into a multiple of 32 rows plus the
+remainder copied into preallocated buffers by 6-12% for the routed part (fp32 and bf16, 16 and
+64 experts). What it buys is memory: for benchmarks/moe_layer.py's block (4096
 tokens, top-6 of 64 experts of width 256, hidden 512) the activations saved for the
 backward pass go from 144 to 56 MiB. In fp32 the speed measured the same (2 cores: the
 matmuls run at the CPU's peak either way, and per-segment gathers cost what the two
@@ -29,7 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeforge.ops.grouped import mm_rows, mm_sum_rows, row_chunks
+from moeforge.ops.grouped import row_bucket
+from moeforge.ops.onednn import mm
 
 
 def _act(gu: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,69 +45,83 @@ def _act(gu: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     return g, u
 
 
+def _padded(n: int, step: int) -> int:
+    """Rows a segment of n rows is multiplied as: n rounded up to the row bucket (zero rows appended)."""
+    return -(-n // step) * step
+
+
 class _RoutedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, tok, counts, weights, limit, acc):  # type: ignore[override]
         sizes = counts.tolist()
-        M, (I2, D) = tok.shape[0], w1.shape[1:]
-        gu = x.new_empty(M, I2)
+        step = row_bucket(x)
+        D = x.shape[1]
         out = torch.zeros(x.shape[0], D, dtype=acc, device=x.device)
-        big = max(sizes, default=0)
-        xb, hb, yb = x.new_empty(big, D), x.new_empty(big, I2 // 2), x.new_empty(big, D)
+        big = _padded(max(sizes, default=0), step)
+        xb, wb = x.new_zeros(big, D), x.new_zeros(big, 1)  # rows past a segment stay zero (see below)
+        gus = []
         start = 0
         for e, n in enumerate(sizes):
             if n:
-                seg, t = slice(start, start + n), tok[start : start + n]
-                parts = row_chunks(0, n, x)
-                xs = torch.index_select(x, 0, t, out=xb[:n])
-                g, u = _act(mm_rows(xs, w1[e].t(), gu[seg], parts), limit)
-                h = torch.mul(F.silu(g), u, out=hb[:n])
-                h.mul_(weights[seg].unsqueeze(-1).to(h.dtype))
-                out.index_add_(0, t, mm_rows(h, w2[e].t(), yb[:n], parts).to(acc))
+                # rows n..p of the buffers stay zero: zero inputs, zero weights, zero padding outputs
+                p, t = _padded(n, step), tok[start : start + n]
+                torch.index_select(x, 0, t, out=xb[:n])
+                xb[n:p].zero_()
+                wb[:n, 0] = weights[start : start + n].to(x.dtype)
+                wb[n:p].zero_()
+                gu = mm(xb[:p], w1[e].t())  # (p, 2I); padding rows: zero input, zero output
+                gus.append(gu)
+                g, u = _act(gu, limit)
+                h = F.silu(g).mul_(u).mul_(wb[:p])
+                out.index_add_(0, t, mm(h, w2[e].t())[:n].to(acc))
             start += n
-        ctx.sizes, ctx.limit, ctx.acc = sizes, limit, acc
-        ctx.save_for_backward(x, w1, w2, tok, weights, gu)
+        ctx.sizes, ctx.limit, ctx.acc, ctx.step = sizes, limit, acc, step
+        ctx.save_for_backward(x, w1, w2, tok, weights, *gus)
         return out
 
     @staticmethod
     def backward(ctx, gout):  # type: ignore[override]
-        x, w1, w2, tok, weights, gu = ctx.saved_tensors
+        x, w1, w2, tok, weights, *gus = ctx.saved_tensors
         need_x, need_w1, need_w2, _, _, need_wt = ctx.needs_input_grad[:6]
-        limit = ctx.limit
+        limit, step = ctx.limit, ctx.step
         gx = torch.zeros(x.shape, dtype=ctx.acc, device=x.device) if need_x else None  # summed over K in acc
         gw1 = torch.empty_like(w1) if need_w1 else None
         gw2 = torch.empty_like(w2) if need_w2 else None
         gwt = torch.empty_like(weights) if need_wt else None
-        big = max(ctx.sizes, default=0)
-        D, I = x.shape[1], w2.shape[2]
-        xb, gyb, gxb = x.new_empty(big, D), x.new_empty(big, D), x.new_empty(big, D)
-        ghb, ggu = x.new_empty(big, I), x.new_empty(big, 2 * I)
+        big = _padded(max(ctx.sizes, default=0), step)
+        D = x.shape[1]
+        xb, gyb, wb = x.new_zeros(big, D), x.new_zeros(big, D), x.new_zeros(big, 1)
         gout = gout.to(x.dtype)
-        start = 0
+        start, k = 0, 0
         for e, n in enumerate(ctx.sizes):
             if n == 0:
                 for gw in (gw1, gw2):
                     if gw is not None:
                         gw[e].zero_()  # an expert that saw no token gets a zero gradient
                 continue
-            seg, t = slice(start, start + n), tok[start : start + n]
+            p, t, seg = _padded(n, step), tok[start : start + n], slice(start, start + n)
             start += n
-            parts = row_chunks(0, n, x)
-            raw_g, raw_u = gu[seg].chunk(2, dim=-1)
-            g, u = _act(gu[seg], limit)
+            gu = gus[k]
+            k += 1
+            raw_g, raw_u = gu.chunk(2, dim=-1)
+            g, u = _act(gu, limit)
             sg = F.silu(g)
-            a = sg * u  # the unweighted activation
-            w = weights[seg].unsqueeze(-1).to(a.dtype)
+            a = sg * u  # the unweighted activation; padding rows are zero
+            wb[:n, 0] = weights[seg].to(x.dtype)
+            wb[n:p].zero_()
+            w = wb[:p]
             gy = torch.index_select(gout, 0, t, out=gyb[:n])
+            gyb[n:p].zero_()  # zero output gradient on the padding rows: they add nothing below
+            gy = gyb[:p]
             if gw2 is not None:
-                mm_sum_rows(gy, a * w, gw2[e], parts)
+                gw2[e] = mm(gy.t(), a * w)
             if not (need_x or need_w1 or need_wt):
                 continue
-            gh = mm_rows(gy, w2[e], ghb[:n], parts)  # gradient of the weighted activation
+            gh = mm(gy, w2[e])  # gradient of the weighted activation (p, I)
             if gwt is not None:
-                gwt[seg] = torch.linalg.vecdot(gh, a).to(gwt.dtype)
+                gwt[seg] = torch.linalg.vecdot(gh[:n], a[:n]).to(gwt.dtype)
             gh.mul_(w)
-            grad = ggu[:n]
+            grad = torch.empty_like(gu)
             grad_g, grad_u = grad.chunk(2, dim=-1)
             torch.mul(gh, sg, out=grad_u)
             torch.ops.aten.silu_backward.grad_input(gh.mul_(u), g, grad_input=grad_g)
@@ -110,9 +129,11 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 grad_g.mul_(raw_g <= limit)
                 grad_u.mul_((raw_u >= -limit) & (raw_u <= limit))
             if gw1 is not None:
-                mm_sum_rows(grad, torch.index_select(x, 0, t, out=xb[:n]), gw1[e], parts)
+                torch.index_select(x, 0, t, out=xb[:n])
+                xb[n:p].zero_()
+                gw1[e] = mm(grad.t(), xb[:p])
             if gx is not None:
-                gx.index_add_(0, t, mm_rows(grad, w1[e], gxb[:n], parts).to(ctx.acc))
+                gx.index_add_(0, t, mm(grad, w1[e])[:n].to(ctx.acc))
         return None if gx is None else gx.to(x.dtype), gw1, gw2, None, None, gwt, None, None
 
 

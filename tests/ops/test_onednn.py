@@ -82,3 +82,16 @@ def test_flop_counter_counts_the_onednn_product(monkeypatch):
     with FlopCounterMode(display=False) as fc:
         linear(x, w)
     assert fc.get_total_flops() == 2 * 35 * 16 * 12
+
+
+def test_probe_is_invisible_to_an_active_flop_counter():
+    """The one-time probe times real products; a FLOP counter open when it first runs must not see them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    onednn.onednn_fp32_faster.cache_clear()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            onednn.onednn_fp32_faster()
+        assert fc.get_total_flops() == 0
+    finally:
+        onednn.onednn_fp32_faster.cache_clear()

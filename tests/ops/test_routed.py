@@ -77,10 +77,11 @@ def test_fused_routed_experts_bf16_accumulate_in_fp32():
 
 @pytest.mark.parametrize("limit", [0.0, 1.5])
 def test_chunked_segments_change_nothing(monkeypatch, limit):
-    """Segments longer than ROW_BUCKET are multiplied as a multiple of it plus the remainder (bf16/fp16
-    on CPU): forced on in fp32, the outputs and all gradients still equal the unchunked unfused route's,
-    empty and short segments included (the weight gradients summed over both parts)."""
-    from moeforge.ops import grouped
+    """Where products run on oneDNN (bf16/fp16 on CPU; fp32 where it is faster) the fused pass multiplies
+    each segment padded with zero rows to a multiple of ROW_BUCKET, and the segment loop splits it into a
+    multiple plus the remainder: forced on in fp32, the outputs and all gradients still equal the
+    unbucketed unfused route's, empty and short segments included."""
+    from moeforge.ops import grouped, routed
 
     g = torch.Generator().manual_seed(1)
     n, e, k = 150, 6, 3
@@ -94,8 +95,11 @@ def test_chunked_segments_change_nothing(monkeypatch, limit):
     counts = torch.bincount(idx, minlength=e)
     assert counts.max() > 32 and 0 < counts[4] <= 10
     prob = (x, w1, w2, order // k, counts, torch.rand(n * k, generator=g))
+    monkeypatch.setattr(grouped, "row_bucket", lambda t: 1)
+    monkeypatch.setattr(routed, "row_bucket", lambda t: 1)
     want = _grads(_unfused, *prob, limit, torch.float32)
     monkeypatch.setattr(grouped, "row_bucket", lambda t: 32)
+    monkeypatch.setattr(routed, "row_bucket", lambda t: 32)
     got = _grads(routed_swiglu, *prob, limit, torch.float32)
     for name, a, b in zip(["out", "x", "gate_up", "down", "weights"], got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
@@ -103,7 +107,8 @@ def test_chunked_segments_change_nothing(monkeypatch, limit):
 
 
 def test_bf16_segments_are_chunked_and_stay_accurate():
-    """In bf16 on CPU, long segments run in two parts; the result stays as close to fp64 as the unfused route."""
+    """In bf16 on CPU, segments run padded to a multiple of ROW_BUCKET rows; the result stays as close to fp64
+    as the unfused route."""
 
     assert row_bucket(torch.zeros(1, dtype=torch.bfloat16)) == ROW_BUCKET
     assert row_bucket(torch.zeros(1)) == (ROW_BUCKET if onednn.takes_onednn(torch.zeros(1)) else 1)
