@@ -68,9 +68,8 @@ def row_chunks(start: int, n: int, x: torch.Tensor) -> list[slice]:
 def mm_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
     """out[rows] = a[rows] @ b for each part of `row_chunks`; returns out. fp32 on oneDNN where it is
     faster (moeforge.ops.onednn; its result is copied into out)."""
-    fast = onednn.takes_onednn(a, b)
     for rows in parts:
-        if fast:
+        if onednn.takes_onednn(a, b, macs=(rows.stop - rows.start) * a.shape[1] * b.shape[1]):
             out[rows] = onednn.mm(a[rows], b)
         else:
             torch.mm(a[rows], b, out=out[rows])
@@ -79,7 +78,8 @@ def mm_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[sli
 
 def mm_sum_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
     """out = a^T @ b summed over the row parts of `row_chunks` (a weight gradient); returns out."""
-    if onednn.takes_onednn(a, b):
+    rows = sum(p.stop - p.start for p in parts)
+    if onednn.takes_onednn(a, b, macs=rows * a.shape[1] * b.shape[1]):
         out.copy_(onednn.mm(a[parts[0]].t(), b[parts[0]]))
         for rows in parts[1:]:
             out.add_(onednn.mm(a[rows].t(), b[rows]))

@@ -70,7 +70,7 @@ VECTOR_WEIGHT = 2**20  # ... and for a single row only from this size (see above
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T + bias -> (..., N)."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() > SMALL_ROWS * x.shape[-1]:
-        if onednn.takes_onednn(x, weight):  # fp32 on a CPU where oneDNN beats MKL (moeforge.ops.onednn)
+        if onednn.takes_onednn(x, weight, macs=x.numel() * weight.shape[0]):  # fp32 where oneDNN beats MKL
             return onednn.linear(x, weight, bias)
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():

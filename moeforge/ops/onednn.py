@@ -30,6 +30,7 @@ import time
 
 import torch
 
+MIN_MACS = 2**21  # products smaller than this stay on PyTorch's default (see takes_onednn)
 
 @functools.cache
 def onednn_fp32_faster() -> bool:
@@ -80,16 +81,21 @@ def _lp(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> t
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def takes_onednn(*tensors: torch.Tensor) -> bool:
-    """Run a product of these tensors on oneDNN? fp32 CPU tensors, no autocast, not compiling, and faster here."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def takes_onednn(*tensors: torch.Tensor, macs: int | None = None) -> bool:
+    """Run a product of these tensors (of `macs` multiply-adds; None: any size) on oneDNN? fp32 CPU
+    tensors, no autocast, not compiling, faster here, and at least MIN_MACS: oneDNN's call costs ~12 us
+    on the dev CPU where MKL's small-product path costs 3-8 us, so decode-sized products stay on MKL
+    ((n, 256) @ (256, 256), us MKL / oneDNN: 1 row 3.9 / 13.4, 8 rows 16.1 / 17.3, 32 rows 26.5 / 23.6,
+    64 rows 46.8 / 31.5)."""
+    return ((macs is None or macs >= MIN_MACS)
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and onednn_fp32_faster())
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) @ b (K, N), on oneDNN where `takes_onednn`. No autograd: for code inside autograd functions."""
-    return _lp(a, b.t()) if takes_onednn(a, b) else a @ b
+    return _lp(a, b.t()) if takes_onednn(a, b, macs=a.shape[0] * a.shape[1] * b.shape[1]) else a @ b
 
 
 class _Linear(torch.autograd.Function):

@@ -34,6 +34,7 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
 @needs_op
 def test_onednn_mm_matches_matmul_on_transposed_views(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: True)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
     torch.manual_seed(1)
     a, b = torch.randn(40, 33), torch.randn(50, 33)
     torch.testing.assert_close(onednn.mm(a, b.t()), a @ b.t(), rtol=1e-5, atol=1e-5)  # forward form
@@ -43,7 +44,8 @@ def test_onednn_mm_matches_matmul_on_transposed_views(monkeypatch):
 def test_taken_only_for_fp32_cpu_outside_autocast_and_compile(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: True)
     x = torch.zeros(2, 2)
-    assert onednn.takes_onednn(x, x)
+    assert onednn.takes_onednn(x, x) and onednn.takes_onednn(x, x, macs=onednn.MIN_MACS)
+    assert not onednn.takes_onednn(x, x, macs=onednn.MIN_MACS - 1)  # decode-sized products stay on MKL
     assert not onednn.takes_onednn(x.double(), x.double())
     assert not onednn.takes_onednn(x.bfloat16(), x.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -57,6 +59,7 @@ def test_linear_routes_fp32_training_to_onednn_when_faster(monkeypatch):
     real = onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
     x, w = torch.randn(6, 8, requires_grad=True), torch.randn(4, 8)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
     monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: False)
     linear(x, w)
     assert calls == []
@@ -78,6 +81,7 @@ def test_flop_counter_counts_the_onednn_product(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: True)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
     x, w = torch.randn(5, 7, 16), torch.randn(12, 16)
     with FlopCounterMode(display=False) as fc:
         linear(x, w)
