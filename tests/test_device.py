@@ -41,6 +41,9 @@ def test_doctor_report_on_cpu(report):
     assert not backends["nccl"] and not backends["hccl"]
     assert set(backends) >= {"gloo", "nccl", "mpi", "ucc", "xccl", "hccl"}
     assert report["complex_ops"] and report["torch_compile_importable"]
+    from moeforge.ops.onednn import onednn_fp32_faster
+
+    assert report["cpu_fp32_products"] == ("onednn" if onednn_fp32_faster() else "default")
     assert report["grouped_mm"]["float32"] in (True, False) and set(report["grouped_mm"]) == set(dev.DTYPES)
     assert report["peak_tflops"] == {"bf16": None, "fp16": None, "fp32": None}
 
