@@ -2,7 +2,9 @@
 
 Setting (issue 2): fp32 (`--dtype bfloat16` for CPUs with bf16 units), 2 threads, hidden 512, 64 routed experts of width 256, top-6,
 2 shared experts, 4096 tokens. The dense reference is a SwiGLU MLP of width
-6*256 + 2*256 = 2048, i.e. the same matmul FLOPs per token. HF's DeepseekV3MoE runs
+6*256 + 2*256 = 2048, i.e. the same matmul FLOPs per token, built from moeforge's Linear (so it
+gets the same fp32 GEMM kernel as our block, oneDNN where that is faster); the same MLP from plain
+torch.nn.Linear (PyTorch's default GEMM) is timed too, for reference. HF's DeepseekV3MoE runs
 with its eager loop and its grouped_mm experts implementation (batched_mm needs a
 weight copy per token-expert pair and does not fit in memory); the best one is the reference. Prints one JSON line per measurement
 and a table with ratios and the activation memory each keeps for its backward pass.
@@ -25,6 +27,20 @@ from moeforge.device import tune_host_memory
 from moeforge.model.layers import MLP
 from moeforge.model.moe import MoE
 from moeforge.ops.grouped import grouped_mm_works
+
+
+class TorchMLP(torch.nn.Module):
+    """The same SwiGLU MLP from plain torch.nn.Linear: PyTorch's default fp32 GEMM (MKL on x86), where
+    moeforge's Linear may take oneDNN (moeforge.ops.onednn). Reported for reference, not the target."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(dim, inter, bias=False)
+        self.up_proj = torch.nn.Linear(dim, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor):
@@ -115,8 +131,10 @@ def main() -> None:
         torch.nn.init.normal_(p, std=0.02)
     dense.to(dtype)
     ours.to(dtype).gate.float()  # router weights stay fp32, as in the model
-    steps = {"dense_mlp": fwd_bwd_step(dense, x)}
-    modules: dict[str, torch.nn.Module] = {"dense_mlp": dense}
+    torch_dense = TorchMLP(args.hidden, active_width).to(dtype)
+    torch_dense.load_state_dict(dense.state_dict())
+    steps = {"dense_mlp": fwd_bwd_step(dense, x), "dense_mlp_torch_linear": fwd_bwd_step(torch_dense, x)}
+    modules: dict[str, torch.nn.Module] = {"dense_mlp": dense, "dense_mlp_torch_linear": torch_dense}
     for impl in ("loop", "grouped_mm"):
         if impl == "grouped_mm" and not grouped_mm_works("cpu", torch.float32):
             continue
@@ -145,7 +163,8 @@ def main() -> None:
 
     ours_best = max(v for k, v in results.items() if k.startswith("moeforge_"))
     hf_best = max((v for k, v in results.items() if k.startswith("hf_")), default=None)
-    summary = {"bench": "moe_layer", "ours_vs_dense": round(ours_best / results["dense_mlp"], 3)}
+    summary = {"bench": "moe_layer", "ours_vs_dense": round(ours_best / results["dense_mlp"], 3),
+               "ours_vs_dense_torch_linear": round(ours_best / results["dense_mlp_torch_linear"], 3)}
     if hf_best:
         summary["ours_vs_hf_best"] = round(ours_best / hf_best, 3)
         summary["hf_best_vs_dense"] = round(hf_best / results["dense_mlp"], 3)
