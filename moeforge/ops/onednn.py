@@ -17,7 +17,8 @@ accumulation (max error against fp64 of the same order as MKL's). Products, us, 
 take that kernel for fp32 CPU tensors outside autocast and outside compiled graphs, when
 `onednn_fp32_faster()` says so: a one-time probe that times both kernels on one product and
 takes oneDNN only at <= 0.8x MKL's time (so a CPU where MKL is at home keeps MKL);
-`MOEFORGE_ONEDNN_FP32=1` / `0` forces the choice. oneDNN builds a kernel per new product shape
+`MOEFORGE_ONEDNN_FP32=1` / `0` forces the choice, and PyTorch's own switch
+(`torch.backends.mkldnn.flags(enabled=False)`) turns it off. oneDNN builds a kernel per new product shape
 (~0.35 ms, then cached), so callers with data-dependent row counts bound them
 (moeforge.ops.grouped.row_bucket).
 """
@@ -87,7 +88,7 @@ def takes_onednn(*tensors: torch.Tensor, macs: int | None = None) -> bool:
     on the dev CPU where MKL's small-product path costs 3-8 us, so decode-sized products stay on MKL
     ((n, 256) @ (256, 256), us MKL / oneDNN: 1 row 3.9 / 13.4, 8 rows 16.1 / 17.3, 32 rows 26.5 / 23.6,
     64 rows 46.8 / 31.5)."""
-    return ((macs is None or macs >= MIN_MACS)
+    return ((macs is None or macs >= MIN_MACS) and torch.backends.mkldnn.enabled  # the user's switch for oneDNN
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and onednn_fp32_faster())

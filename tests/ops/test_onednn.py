@@ -50,6 +50,9 @@ def test_taken_only_for_fp32_cpu_outside_autocast_and_compile(monkeypatch):
     assert not onednn.takes_onednn(x.bfloat16(), x.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn.takes_onednn(x, x)  # autocast decides the dtype: F.linear / mm run in bf16
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # as torch.backends.mkldnn.flags(enabled=False)
+    assert not onednn.takes_onednn(x, x)
+    monkeypatch.undo()
     monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: False)
     assert not onednn.takes_onednn(x, x)
 
