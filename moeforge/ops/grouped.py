@@ -66,26 +66,17 @@ def row_chunks(start: int, n: int, x: torch.Tensor) -> list[slice]:
 
 
 def mm_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
-    """out[rows] = a[rows] @ b for each part of `row_chunks`; returns out. fp32 on oneDNN where it is
-    faster (moeforge.ops.onednn; its result is copied into out)."""
+    """out[rows] = a[rows] @ b for each part of `row_chunks`; returns out (fp32 on oneDNN where it is
+    faster: moeforge.ops.onednn.mm)."""
     for rows in parts:
-        if onednn.takes_onednn(a, b, macs=(rows.stop - rows.start) * a.shape[1] * b.shape[1]):
-            out[rows] = onednn.mm(a[rows], b)
-        else:
-            torch.mm(a[rows], b, out=out[rows])
+        onednn.mm(a[rows], b, out=out[rows])
     return out
 
 
 def mm_sum_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, parts: list[slice]) -> torch.Tensor:
     """out = a^T @ b summed over the row parts of `row_chunks` (a weight gradient); returns out."""
-    rows = sum(p.stop - p.start for p in parts)
-    if onednn.takes_onednn(a, b, macs=rows * a.shape[1] * b.shape[1]):
-        out.copy_(onednn.mm(a[parts[0]].t(), b[parts[0]]))
-        for rows in parts[1:]:
-            out.add_(onednn.mm(a[rows].t(), b[rows]))
-        return out
-    torch.mm(a[parts[0]].t(), b[parts[0]], out=out)
-    for rows in parts[1:]:
+    onednn.mm(a[parts[0]].t(), b[parts[0]], out=out)
+    for rows in parts[1:]:  # the remainder (< ROW_BUCKET rows), added in place
         out.addmm_(a[rows].t(), b[rows])
     return out
 

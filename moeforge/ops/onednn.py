@@ -94,9 +94,13 @@ def takes_onednn(*tensors: torch.Tensor, macs: int | None = None) -> bool:
             and onednn_fp32_faster())
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (K, N), on oneDNN where `takes_onednn`. No autograd: for code inside autograd functions."""
-    return _lp(a, b.t()) if takes_onednn(a, b, macs=a.shape[0] * a.shape[1] * b.shape[1]) else a @ b
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (K, N), on oneDNN where `takes_onednn` (its result copied into `out` when given, as
+    the oneDNN op has no out= form), else `torch.mm`. No autograd: for code inside autograd functions."""
+    if not takes_onednn(a, b, macs=a.shape[0] * a.shape[1] * b.shape[1]):
+        return torch.mm(a, b, out=out) if out is not None else a @ b
+    y = _lp(a, b.t())
+    return y if out is None else out.copy_(y)
 
 
 class _Linear(torch.autograd.Function):
