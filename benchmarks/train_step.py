@@ -11,7 +11,12 @@ HF runs with its sdpa and its eager attention; ratios are against the faster of 
 MFU uses accounting.flops_per_token_train against the peak from moeforge.device (on a
 CPU: the matmul throughput measured here, since CPUs have no vendor figure).
 
-    .venv/bin/python benchmarks/train_step.py [--batch 8 --seq 256 --threads 2 --dtype float32]
+    .venv/bin/python benchmarks/train_step.py [--batch 8 --seq 256 --threads 2 --dtype float32] [--breakdown]
+
+`--breakdown` then times the step's parts in both models (no-MTP moeforge and HF with its faster
+attention) from module hooks: attention, MoE blocks and dense MLPs, forward and backward, and the
+rest of the step (embedding, norms, head and loss, clipping, optimizer) as the remainder. CPU ops
+run synchronously, so the hooks' clock readings bracket each part's own work.
 """
 
 from __future__ import annotations
@@ -77,6 +82,88 @@ def hf_step(hf, cfg: TrainConfig, batches, autocast):
     return step
 
 
+class PartTimer:
+    """Milliseconds per step spent in each decoder part of `layers`, forward and backward, from hooks.
+
+    Attention: forward around the module; backward from the gradient reaching the output projection
+    (`o_proj`) to the last input projection's input gradient (`q_a_proj` / `q_proj`, `kv_a_proj_with_mqa`),
+    which works for moeforge's MLA and HF's attention alike (HF's eager attention also returns its
+    probabilities, so hooks on the whole module would see their gradient only at the end). MLPs: around
+    the module, forward and backward (full backward hooks)."""
+
+    def __init__(self, layers) -> None:
+        from collections import defaultdict
+
+        self.total: dict[str, float] = defaultdict(float)
+        self.handles = []
+        for layer in layers:
+            attn = layer.self_attn
+            self._around("attention fwd", attn)
+            inputs = [m for m in (getattr(attn, "q_a_proj", None), getattr(attn, "q_proj", None),
+                                  attn.kv_a_proj_with_mqa) if m is not None]
+            self._backward_span("attention bwd", attn.o_proj, inputs)
+            kind = "MoE" if hasattr(layer.mlp, "gate") else "dense MLP"
+            self._around(f"{kind} fwd", layer.mlp)
+            self._backward_span(f"{kind} bwd", layer.mlp, [layer.mlp])
+
+    def _around(self, name: str, module) -> None:
+        start = {}
+        self.handles.append(module.register_forward_pre_hook(lambda m, a: start.__setitem__(0, time.perf_counter())))
+        self.handles.append(module.register_forward_hook(
+            lambda m, a, o: self._add(name, time.perf_counter() - start[0])))
+
+    def _backward_span(self, name: str, first, lasts) -> None:
+        state = {"start": None, "ends": 0}
+
+        def begin(m, g):
+            state["start"], state["ends"] = time.perf_counter(), 0
+
+        def end(m, gi, go):
+            state["ends"] += 1
+            if state["ends"] == len(lasts) and state["start"] is not None:
+                self._add(name, time.perf_counter() - state["start"])
+                state["start"] = None
+
+        self.handles.append(first.register_full_backward_pre_hook(begin))
+        for m in lasts:
+            self.handles.append(m.register_full_backward_hook(end))
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.total[name] += seconds
+
+    def measure(self, step, repeats: int) -> dict[str, float]:
+        """Run `step` `repeats` times; ms per step for each part, and 'step' for the whole."""
+        self.total.clear()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        out = {k: v / repeats * 1e3 for k, v in self.total.items()}
+        out["step"] = (time.perf_counter() - t0) / repeats * 1e3
+        for h in self.handles:
+            h.remove()
+        return out
+
+
+def print_breakdown(parts: dict[str, dict[str, float]]) -> None:
+    """One column per model, one row per part, the rest of the step as the remainder."""
+    names = list(parts)
+    rows = sorted({k for p in parts.values() for k in p if k != "step"})
+    table = Table(title="where a training step's time goes, ms per step (module hooks)")
+    table.add_column("part")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column(f"{names[1]} / {names[0]}", justify="right")
+    rest = {n: p["step"] - sum(v for k, v in p.items() if k != "step") for n, p in parts.items()}
+    for label, vals in [*((r, {n: parts[n].get(r, 0.0) for n in names}) for r in rows),
+                        ("rest: embedding, norms, head + loss, clip, optimizer", rest),
+                        ("whole step", {n: parts[n]["step"] for n in names})]:
+        a, b = vals[names[0]], vals[names[1]]
+        table.add_row(label, *(f"{vals[n]:.1f}" for n in names), f"{b / a:.2f}x" if a else "-")
+    Console().print(table)
+    print(json.dumps({"bench": "train_step_breakdown", "ms_per_step": {n: {k: round(v, 2) for k, v in p.items()}
+                                                                       for n, p in parts.items()}}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -95,6 +182,8 @@ def main() -> None:
     ap.add_argument("--data", choices=["stdlib", "random"], default="stdlib",
                     help="token windows from the demo's corpus (expert loads as in real training) or uniform random "
                          "ids (on which the routers of both models send most tokens to a few experts)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="then time attention, MoE and dense MLP forward/backward in both models (module hooks)")
     ap.add_argument("--compile", action="store_true",
                     help="also time ours under torch.compile (as `moeforge train --compile`)")
     args = ap.parse_args()
@@ -128,11 +217,12 @@ def main() -> None:
         return DeepseekV3ForCausalLM(hf_cfg)
 
     hf_params = sum(p.numel() for p in hf_model("sdpa").parameters())
+    hf_models = {attn: hf_model(attn) for attn in args.hf_attention}
     steps = {
         "moeforge (no MTP, = HF's work)": ours_step(ours, tcfg, batches, autocast, mtp=False),
         "moeforge (trainer: MTP + balance)": ours_step(Transformer(mcfg), tcfg, batches, autocast, mtp=True),
-        **{f"HF DeepseekV3 ({args.hf_experts}, {attn} attention)": hf_step(hf_model(attn), tcfg, batches, autocast)
-           for attn in args.hf_attention},
+        **{f"HF DeepseekV3 ({args.hf_experts}, {attn} attention)": hf_step(hf, tcfg, batches, autocast)
+           for attn, hf in hf_models.items()},
     }
     if args.compile:
         steps["moeforge compiled (no MTP)"] = ours_step(Transformer(mcfg), tcfg, batches, autocast, mtp=False,
@@ -165,6 +255,13 @@ def main() -> None:
         table.add_row(name, f"{tps:,.0f}", "n/a" if mfu is None else f"{mfu:.1%}", f"{tps / hf_tps:.2f}x")
     Console().print(table)
     print(f"peak used for MFU: {peak / 1e12:.3f} TFLOP/s ({args.dtype} matmul measured on this CPU)")
+    if args.breakdown:
+        hf_times = {attn: sorted(times[f"HF DeepseekV3 ({args.hf_experts}, {attn} attention)"]) for attn in hf_models}
+        best = min(hf_times, key=lambda a: hf_times[a][len(hf_times[a]) // 2])
+        parts = {"moeforge": PartTimer(ours.layers).measure(steps["moeforge (no MTP, = HF's work)"], args.repeats),
+                 f"HF ({best})": PartTimer(hf_models[best].model.layers).measure(
+                     steps[f"HF DeepseekV3 ({args.hf_experts}, {best} attention)"], args.repeats)}
+        print_breakdown(parts)
 
 
 if __name__ == "__main__":
