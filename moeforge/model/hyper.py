@@ -31,13 +31,74 @@ def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
-def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Project positive (..., n, n) matrices towards doubly stochastic ones (HF's step order)."""
-    m = m / (m.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(-1, keepdim=True) + eps)
-        m = m / (m.sum(-2, keepdim=True) + eps)
+def _sinkhorn_dims(iters: int) -> list[int]:
+    """The summed dimension of each normalisation step, in HF's order: columns, then rows and columns."""
+    return [-2] + [-1, -2] * (iters - 1)
+
+
+def sinkhorn_reference(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """`sinkhorn` as plain tensor ops (autograd differentiates the unrolled steps): what it is tested against."""
+    for dim in _sinkhorn_dims(iters):
+        m = m / (m.sum(dim, keepdim=True) + eps)
     return m
+
+
+def _axis(dim: int) -> int:
+    """The (n, n, N) layout's axis for a step summing over matrix dimension dim: rows (-1) -> 1, columns (-2) -> 0."""
+    return 1 if dim == -1 else 0
+
+
+def _to_columns(m: torch.Tensor) -> torch.Tensor:
+    """(..., n, n) -> (n, n, N): the matrices side by side along the last, contiguous dimension."""
+    n = m.shape[-1]
+    return m.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+
+
+def _from_columns(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return x.permute(2, 0, 1).reshape(shape)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """`sinkhorn_reference`'s steps m_k = m_{k-1} / d_k, d_k = sum(m_{k-1}) + eps, on the matrices stored side
+    by side, (n, n, N) with N = all tokens contiguous, so each step's sum adds n contiguous rows of N values
+    instead of reducing n values at a stride per matrix: the same n-term sums, and the same values as the plain
+    steps (tested).
+    The backward pass is written out: dL/dm_{k-1} = (g - sum(g * m_k)) / d_k for g = dL/dm_k, 4 ops per
+    step where autograd's graph of the steps takes ~3x as many. For the tiny V4 preset's (8, 256, 4, 4)
+    comb matrices, forward + backward: 1.3-1.5 ms against 9.6-9.9 ms through autograd (2 threads)."""
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:  # type: ignore[override]
+        x = _to_columns(m)
+        outs, dens = [], []
+        for dim in _sinkhorn_dims(iters):
+            d = x.sum(_axis(dim), keepdim=True).add_(eps)
+            x = x / d
+            outs.append(x)
+            dens.append(d)
+        ctx.iters, ctx.shape = iters, m.shape
+        ctx.save_for_backward(*outs, *dens)
+        return _from_columns(x, m.shape)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        k = len(saved) // 2
+        g = _to_columns(g)
+        for out, d, dim in reversed(list(zip(saved[:k], saved[k:], _sinkhorn_dims(ctx.iters), strict=True))):
+            g = (g - (g * out).sum(_axis(dim), keepdim=True)).div_(d)
+        return _from_columns(g, ctx.shape), None, None
+
+
+def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Project positive (..., n, n) matrices towards doubly stochastic ones (HF's step order: column
+    normalisation first, `iters` column steps and `iters - 1` row steps, eps added to each sum)."""
+    if torch.is_grad_enabled() and m.requires_grad:
+        return _Sinkhorn.apply(m, iters, eps)
+    x = _to_columns(m)  # the same steps, nothing kept
+    for dim in _sinkhorn_dims(iters):
+        x = x / x.sum(_axis(dim), keepdim=True).add_(eps)
+    return _from_columns(x, m.shape)
 
 
 class HyperConnection(nn.Module):
