@@ -94,6 +94,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "moeforge", "train", "--preset", "tiny", "--out", ckpt, "--steps", "300",
                         "--max-bytes", "8000000", "--samples", "0"], check=True)
     model = load_model(ckpt, device="cpu", dtype=dtype)
+    if model.cfg.v4 is not None:
+        sys.exit(f"{ckpt} is a DeepSeek-V4 checkpoint: this benchmark measures the V3 family (MLA latent cache, "
+                 "compiled decode); for V4 attention and cache figures run benchmarks/v4_attention.py")
     hf = load_hf(convert_to_hf(ckpt, tmp / "hf"), dtype)
     prompt = list(range(10, 42))
     n = args.tokens
