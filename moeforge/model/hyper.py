@@ -22,6 +22,7 @@ Shapes: B batch, T tokens, n streams, D hidden.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,45 +49,67 @@ def _axis(dim: int) -> int:
     return 1 if dim == -1 else 0
 
 
-def _to_columns(m: torch.Tensor) -> torch.Tensor:
+def _on_numpy(m: torch.Tensor) -> bool:
+    """Run the steps in NumPy? fp32/fp64 CPU tensors outside compiled graphs: the same float arithmetic with
+    less overhead per operation than PyTorch's eager dispatch, which on these small arrays is all the cost."""
+    return m.device.type == "cpu" and m.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+
+
+def _to_columns(m: torch.Tensor, on_numpy: bool) -> torch.Tensor | np.ndarray:
     """(..., n, n) -> (n, n, N): the matrices side by side along the last, contiguous dimension."""
     n = m.shape[-1]
+    if on_numpy:
+        return m.detach().numpy().reshape(-1, n, n).transpose(1, 2, 0).copy()
     return m.reshape(-1, n, n).permute(1, 2, 0).contiguous()
 
 
-def _from_columns(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _from_columns(x: torch.Tensor | np.ndarray, shape: torch.Size) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).view(shape)
     return x.permute(2, 0, 1).reshape(shape)
+
+
+def _steps(x, iters: int, eps: float, keep: list | None = None):
+    """The normalisation steps on (n, n, N) matrices (a tensor or an array: the same code runs on both);
+    `keep` collects each step's (output, denominator) for the backward pass."""
+    for dim in _sinkhorn_dims(iters):
+        d = x.sum(axis=_axis(dim), keepdims=True)
+        d += eps
+        x = x / d
+        if keep is not None:
+            keep.append((x, d))
+    return x
 
 
 class _Sinkhorn(torch.autograd.Function):
     """`sinkhorn_reference`'s steps m_k = m_{k-1} / d_k, d_k = sum(m_{k-1}) + eps, on the matrices stored side
     by side, (n, n, N) with N = all tokens contiguous, so each step's sum adds n contiguous rows of N values
     instead of reducing n values at a stride per matrix: the same n-term sums, and the same values as the plain
-    steps (tested).
-    The backward pass is written out: dL/dm_{k-1} = (g - sum(g * m_k)) / d_k for g = dL/dm_k, 4 ops per
-    step where autograd's graph of the steps takes ~3x as many. For the tiny V4 preset's (8, 256, 4, 4)
-    comb matrices, forward + backward: 1.3-1.5 ms against 9.6-9.9 ms through autograd (2 threads)."""
+    steps (tested). The backward pass is written out: dL/dm_{k-1} = (g - sum(g * m_k)) / d_k for g = dL/dm_k,
+    4 ops per step where autograd's graph of the steps takes ~3x as many. fp32 CPU tensors run the steps in
+    NumPy (`_on_numpy`). For the tiny V4 preset's (8, 256, 4, 4) comb matrices, forward + backward: 1.3-1.5 ms in
+    PyTorch against 9.6-9.9 ms through autograd (2 threads); forward alone for one decode token, 81 us in NumPy,
+    178 us in PyTorch."""
 
     @staticmethod
     def forward(ctx, m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:  # type: ignore[override]
-        x = _to_columns(m)
-        outs, dens = [], []
-        for dim in _sinkhorn_dims(iters):
-            d = x.sum(_axis(dim), keepdim=True).add_(eps)
-            x = x / d
-            outs.append(x)
-            dens.append(d)
+        on_numpy = _on_numpy(m)
+        keep: list = []
+        x = _steps(_to_columns(m, on_numpy), iters, eps, keep)
         ctx.iters, ctx.shape = iters, m.shape
-        ctx.save_for_backward(*outs, *dens)
+        as_tensors = [torch.from_numpy(a) if on_numpy else a for pair in keep for a in pair]  # no copies
+        ctx.save_for_backward(*as_tensors)
         return _from_columns(x, m.shape)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        k = len(saved) // 2
-        g = _to_columns(g)
-        for out, d, dim in reversed(list(zip(saved[:k], saved[k:], _sinkhorn_dims(ctx.iters), strict=True))):
-            g = (g - (g * out).sum(_axis(dim), keepdim=True)).div_(d)
+        on_numpy = _on_numpy(g)
+        saved = [t.numpy() if on_numpy else t for t in ctx.saved_tensors]
+        g = _to_columns(g, on_numpy)
+        for (out, d), dim in zip(reversed(list(zip(saved[::2], saved[1::2], strict=True))),
+                                 reversed(_sinkhorn_dims(ctx.iters)), strict=True):
+            g = g - (g * out).sum(axis=_axis(dim), keepdims=True)
+            g /= d
         return _from_columns(g, ctx.shape), None, None
 
 
@@ -95,10 +118,8 @@ def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     normalisation first, `iters` column steps and `iters - 1` row steps, eps added to each sum)."""
     if torch.is_grad_enabled() and m.requires_grad:
         return _Sinkhorn.apply(m, iters, eps)
-    x = _to_columns(m)  # the same steps, nothing kept
-    for dim in _sinkhorn_dims(iters):
-        x = x / x.sum(_axis(dim), keepdim=True).add_(eps)
-    return _from_columns(x, m.shape)
+    on_numpy = _on_numpy(m)
+    return _from_columns(_steps(_to_columns(m, on_numpy), iters, eps), m.shape)
 
 
 class HyperConnection(nn.Module):

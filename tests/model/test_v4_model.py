@@ -59,8 +59,12 @@ def test_sinkhorn_is_doubly_stochastic():
     assert torch.allclose(p.sum(-2), torch.ones(5, 4), atol=1e-4)
 
 
+@pytest.mark.parametrize("numpy_steps", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sinkhorn_equals_the_plain_steps_and_their_autograd_backward(dtype):
+def test_sinkhorn_equals_the_plain_steps_and_their_autograd_backward(dtype, numpy_steps, monkeypatch):
+    from moeforge.model import hyper
+
+    monkeypatch.setattr(hyper, "_on_numpy", lambda m: numpy_steps)  # CPU fp32 runs NumPy; other devices PyTorch
     g = torch.Generator().manual_seed(0)
     m = (3 * torch.rand(3, 7, 4, 4, generator=g, dtype=dtype)).softmax(-1).add(1e-6).requires_grad_()
     w = torch.randn(3, 7, 4, 4, generator=g, dtype=dtype)  # a loss that weights every entry differently
