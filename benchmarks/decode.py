@@ -12,6 +12,9 @@ Measures, in one run and one dtype:
      the outputs are identical.
 
 Compiled engines are built once and reused (their first calls compile, outside the timings).
+A DeepSeek-V4 checkpoint (whose engine has no compiled decode yet) gets measurements 1 and 4, eager
+only, against HF DeepseekV4 `generate`; its cache and long-context figures are in
+benchmarks/v4_attention.py.
 
     python benchmarks/decode.py --ckpt runs/demo/checkpoints/step_0000300 [--dtype float32|bfloat16]
 
@@ -94,29 +97,37 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "moeforge", "train", "--preset", "tiny", "--out", ckpt, "--steps", "300",
                         "--max-bytes", "8000000", "--samples", "0"], check=True)
     model = load_model(ckpt, device="cpu", dtype=dtype)
-    if model.cfg.v4 is not None:
-        sys.exit(f"{ckpt} is a DeepSeek-V4 checkpoint: this benchmark measures the V3 family (MLA latent cache, "
-                 "compiled decode); for V4 attention and cache figures run benchmarks/v4_attention.py")
+    v4 = model.cfg.v4 is not None
     hf = load_hf(convert_to_hf(ckpt, tmp / "hf"), dtype)
     prompt = list(range(10, 42))
     n = args.tokens
 
     # 1. batch-1 decode tokens/s, same weights, same greedy settings
-    compiled = Engine(model, max_batch=1, max_len=1024, compile=True)
-    for m in (16, 48, 8):  # compile, and let the context length become a symbolic size
+    compiled = None if v4 else Engine(model, max_batch=1, max_len=1024, compile=True)
+    for m in (16, 48, 8) if compiled else ():  # compile, and let the context length become a symbolic size
         ours_greedy(model, prompt, m, engine=compiled)
     ours_greedy(model, prompt, 8), hf_greedy(hf, prompt, 8)  # warm-up
     out_ours = ours_greedy(model, prompt, n)[0]
     hf_out = hf_greedy(hf, prompt, n)
     t_ours = timed(lambda: ours_greedy(model, prompt, n))
-    t_comp = timed(lambda: ours_greedy(model, prompt, n, engine=compiled))
     t_hf = timed(lambda: hf_greedy(hf, prompt, n))
     same = sum(a == b for a, b in zip(out_ours, hf_out.sequences[0, len(prompt):].tolist())) / n
-    same_compiled = ours_greedy(model, prompt, n, engine=compiled)[0] == out_ours
     emit(rows, metric="decode_tokens_per_s_batch1", dtype=args.dtype, tokens=n, ours=round(n / t_ours, 1),
          hf=round(n / t_hf, 1), ratio=round(t_hf / t_ours, 2), same_tokens_fraction=round(same, 3))
-    emit(rows, metric="decode_tokens_per_s_batch1_compiled", dtype=args.dtype, tokens=n, ours=round(n / t_comp, 1),
-         hf=round(n / t_hf, 1), ratio=round(t_hf / t_comp, 2), same_as_eager=same_compiled)
+    if compiled:
+        t_comp = timed(lambda: ours_greedy(model, prompt, n, engine=compiled))
+        same_compiled = ours_greedy(model, prompt, n, engine=compiled)[0] == out_ours
+        emit(rows, metric="decode_tokens_per_s_batch1_compiled", dtype=args.dtype, tokens=n,
+             ours=round(n / t_comp, 1), hf=round(n / t_hf, 1), ratio=round(t_hf / t_comp, 2),
+             same_as_eager=same_compiled)
+    if not v4:
+        v3_cache_and_context(args, rows, model, hf_out, dtype, tmp)
+    mtp_speculation(args, rows, model, n, compile_too=not v4)
+    print_table(rows)
+
+
+def v3_cache_and_context(args, rows: list[dict], model, hf_out, dtype: torch.dtype, tmp: Path) -> None:
+    """Measurements 2 and 3 (V3 family): cache bytes per token, and time per token at long context."""
 
     # 2. cache bytes per token
     cfg = model.cfg
@@ -150,10 +161,12 @@ def main() -> None:
              ours=round(ours * 1e3, 2), hf=round(theirs * 1e3, 2), ratio=round(theirs / ours, 2))
     del long_model, long_hf
 
-    # 4. MTP self-speculative decoding on the trained model, 1..K drafts per step
+
+def mtp_speculation(args, rows: list[dict], model, n: int, compile_too: bool) -> None:
+    """Measurement 4: MTP self-speculative decoding on the trained model, 1..K drafts per step."""
     if len(model.mtp):
         prompts = [list(range(10, 42)), [50, 60, 70, 80], list(range(200, 216))]
-        for comp in (False, True):
+        for comp in (False, True) if compile_too else (False,):
             plain_eng = Engine(model, max_batch=1, max_len=1024, compile=comp)
             for p in prompts:  # warm-up (compiles)
                 for m in (16, 48):
@@ -178,6 +191,8 @@ def main() -> None:
                      acceptance_rate=[round(a, 3) for a in spec_eng.stats.acceptance_rate],
                      identical_greedy_output=same)
 
+
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'metric':40s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
     for r in rows:
         name = r["metric"] + (f"@{r['context']}" if "context" in r else "") + (
