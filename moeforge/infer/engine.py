@@ -160,7 +160,7 @@ class Engine:
             raise ValueError("draft tokens are made by MTP speculation: add --speculative (speculative=True)")
         self.v4 = cfg.v4 is not None
         if self.v4 and compile:
-            raise ValueError("compile is not available for DeepSeek-V4 models yet; drop --compile")
+            model.compile_stateless()  # V4: the blocks' cache-free parts compiled, attention over its caches eager
         self.speculative = speculative
         self.draft_tokens = draft_tokens if speculative else 0
         p = model.embed_tokens.weight

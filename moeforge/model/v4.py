@@ -34,7 +34,7 @@ from moeforge.model.hyper import HyperConnection, HyperHead
 from moeforge.model.layers import RMSNorm
 from moeforge.model.moe import MoE, MoEStats
 from moeforge.model.transformer import ModelOutput, init_parameters, run_mtp
-from moeforge.model.v4_attention import V4Attention, V4LayerCache
+from moeforge.model.v4_attention import COMPILED_TOKENS, V4Attention, V4LayerCache
 from moeforge.ops.linear import Linear
 
 
@@ -49,16 +49,32 @@ class V4Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         self.attn_hc = HyperConnection(D, v.hc_mult, v.hc_sinkhorn_iters, v.hc_eps, cfg.rms_norm_eps)
         self.ffn_hc = HyperConnection(D, v.hc_mult, v.hc_sinkhorn_iters, v.hc_eps, cfg.rms_norm_eps)
+        self.compiled: tuple | None = None  # compiled (attention_input, ffn): V4Transformer.compile_stateless
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, cache: V4LayerCache | None = None
                 ) -> tuple[torch.Tensor, V4LayerCache, MoEStats]:
         """h (B, T, n, D) streams -> new streams, this layer's grown cache, MoE statistics."""
+        few = self.compiled is not None and h.shape[1] <= COMPILED_TOKENS
+        attention_input, ffn = self.compiled if few else (self.attention_input, self.ffn)
+        x, post, comb = attention_input(h)
+        a, cache = self.self_attn(x, cache)
+        h, counts, loss = ffn(h, a, post, comb, ids)
+        return h, cache, MoEStats(counts, loss)
+
+    # The block's two parts that hold no cache state: what `V4Transformer.compile_stateless` compiles.
+    def attention_input(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Streams -> attention input (normalised collapse), post and comb maps."""
         x, post, comb = self.attn_hc(h)
-        a, cache = self.self_attn(self.input_layernorm(x), cache)
+        return self.input_layernorm(x), post, comb
+
+    def ffn(self, h: torch.Tensor, a: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, ids: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Merge the attention output a into the streams, then the MoE sub-block -> (streams, expert token
+        counts, balance loss)."""
         h = HyperConnection.merge(h, a, post, comb)
         x, post, comb = self.ffn_hc(h)
         f, stats = self.mlp(self.post_attention_layernorm(x), ids)
-        return HyperConnection.merge(h, f, post, comb), cache, stats
+        return HyperConnection.merge(h, f, post, comb), stats.counts, stats.balance_loss
 
 
 class V4MTPModule(nn.Module):
@@ -115,6 +131,21 @@ class V4Transformer(nn.Module):
         for i, m in enumerate(self.modules()):
             if hasattr(m, "init_table") and not m.tid2eid.is_meta:
                 m.init_table(seed=i)
+
+    def compile_stateless(self) -> None:
+        """torch.compile each block's cache-free parts in place, main and MTP blocks: `V4Block.attention_input` and
+        `V4Block.ffn` (the mHC maps, merges, norms and MoE), and the attention's projections (`V4Attention.project`,
+        `V4Attention.output`). What runs over the per-row caches, which grow token by token (compressors, indexer,
+        attention over window and compressed entries), stays eager, and so does every call on more than
+        `COMPILED_TOKENS` tokens per row (prefill, training), as in the V3 engine, whose prefill is eager. What the
+        inference engine does for V4 with `compile=True`; idempotent, parameters and state-dict names unchanged.
+        Blocks of one kind share their compiled graphs (Dynamo inlines the modules and takes their parameters as
+        inputs)."""
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            if block.compiled is None:
+                block.compiled = (torch.compile(block.attention_input), torch.compile(block.ffn))
+                attn = block.self_attn
+                attn.compiled = (torch.compile(attn.project), torch.compile(attn.output))
 
     def forward(
         self,

@@ -43,6 +43,7 @@ from moeforge.model.layers import RMSNorm, rope_inv_freq
 from moeforge.ops.linear import Linear
 
 QUERY_CHUNK = 256
+COMPILED_TOKENS = 8  # compiled cache-free parts (V4Transformer.compile_stateless) run on at most this many tokens per row
 
 
 # ------------------------------------------------------------------ rotary (interleaved, trailing dims)
@@ -224,6 +225,7 @@ class V4Attention(nn.Module):
         self.o_b_proj = Linear(self.groups * v.o_lora_rank, D, bias=False)
         self.sinks = nn.Parameter(torch.empty(self.h, dtype=torch.float32))
         self.compressor: Compressor | None = None
+        self.compiled: tuple | None = None  # compiled (project, output): V4Transformer.compile_stateless
         if layer_type == "heavily_compressed_attention":
             self.compressor = Compressor(D, self.d, v.hca_compress_rate, False, v.compress_rope, self.rope_dim,
                                          cfg.rms_norm_eps)
@@ -253,16 +255,15 @@ class V4Attention(nn.Module):
                 raise ValueError(f"{len(cache)} per-row caches for a batch of {x.shape[0]} rows")
             rows = [self.forward(x[i : i + 1], c) for i, c in enumerate(cache)]
             return torch.cat([o for o, _ in rows]), [c for _, c in rows]
-        B, T, _ = x.shape
+        T = x.shape[1]
         cache = self.empty_cache(x) if cache is None else cache
         start = cache.length
         pos = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_tables(pos, self.rope_dim, self.rope)  # (T, R/2)
 
-        q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(B, T, self.h, self.d)
-        q = rope_tail(unweighted_rms_norm(q, self.eps), cos[:, None], sin[:, None])  # (B, T, H, d)
-        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # (B, T, d)
+        project, output = self.compiled if self.compiled is not None and T <= COMPILED_TOKENS else (
+            self.project, self.output)
+        q_latent, q, kv = project(x, cos, sin)
         keys = torch.cat([cache.window, kv], 1)  # positions start - P .. start + T - 1
         P = cache.window.shape[1]
         new = V4LayerCache(start + T, keys[:, keys.shape[1] - min(keys.shape[1], self.window - 1):])
@@ -280,11 +281,26 @@ class V4Attention(nn.Module):
         for i0 in range(0, T, QUERY_CHUNK):
             i1 = min(T, i0 + QUERY_CHUNK)
             outs.append(self._attend(q[:, i0:i1], keys, P, start, i0, i1, comp, None if idx is None else idx[:, i0:i1]))
-        o = torch.cat(outs, 1)  # (B, T, H, d)
+        return output(torch.cat(outs, 1), cos, sin), new
+
+    # The parts that hold no cache state (what V4Transformer.compile_stateless compiles for decoding).
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> query latent (B, T, q_lora_rank), rotated queries (B, T, H, d), rotated key/value (B, T, d)."""
+        B, T, _ = x.shape
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(B, T, self.h, self.d)
+        q = rope_tail(unweighted_rms_norm(q, self.eps), cos[:, None], sin[:, None])
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)
+        return q_latent, q, kv
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output o (B, T, H, d) -> (B, T, D) through the grouped low-rank output projection."""
+        B, T = o.shape[:2]
         o = rope_tail(o, cos[:, None], -sin[:, None])  # undo the values' rotation at the query position
         g = o.reshape(B, T, self.groups, -1)  # (B, T, G, H*d/G)
         w = self.o_a_proj.weight.view(self.groups, -1, g.shape[-1])  # (G, o_lora_rank, H*d/G)
-        return self.o_b_proj(torch.einsum("btgi,gri->btgr", g, w).flatten(2)), new
+        return self.o_b_proj(torch.einsum("btgi,gri->btgr", g, w).flatten(2))
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, P: int, start: int, i0: int, i1: int,
                 comp: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The engine on DeepSeek-V4 models: one V4 cache per request, scheduled like V3 rows."""
 
+import copy
+
 import pytest
 import torch
 
@@ -89,8 +91,6 @@ def test_v4_engine_seeded_sampling_and_refusals(model):
     alone = Engine(model, max_batch=1).generate([PROMPTS[0]], params)[0].output
     together = Engine(model, max_batch=3).generate(PROMPTS, [params] * 3)[0].output
     assert alone == together
-    with pytest.raises(ValueError, match="not available for DeepSeek-V4"):
-        Engine(model, compile=True)
     # sampled speculation: a seeded request gives the same tokens alone and batched
     spec = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=5)
     for k in (1, 2):
@@ -119,3 +119,18 @@ def test_v4_chained_drafts_follow_the_mtp_module(model):
         m, d1 = draft(seq[:, 1:], hidden[:, :-1])
         _, d2 = draft(torch.cat([seq[:, 1:], torch.tensor([[d1]])], 1), torch.cat([hidden[:, :-1], m], 1))
     assert req.drafts == [d1, d2]
+
+
+def test_v4_compiled_decode_equals_eager(model):
+    """compile=True compiles the blocks' cache-free parts (the fixture's model is left alone: it is compiled
+    in place) and gives the eager engine's tokens: batched rows of different lengths, and MTP speculation."""
+    import torch._dynamo.utils
+
+    plain = [r.output for r in Engine(model, max_batch=3).generate(PROMPTS, GREEDY)]
+    compiled_model = copy.deepcopy(model)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eng = Engine(compiled_model, max_batch=3, compile=True)
+    assert [r.output for r in eng.generate(PROMPTS, GREEDY)] == plain
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the compiled parts ran
+    spec = Engine(compiled_model, max_batch=3, speculative=True, draft_tokens=2, compile=True)
+    assert [r.output for r in spec.generate(PROMPTS, GREEDY)] == plain
