@@ -12,9 +12,9 @@ Measures, in one run and one dtype:
      the outputs are identical.
 
 Compiled engines are built once and reused (their first calls compile, outside the timings).
-A DeepSeek-V4 checkpoint (whose engine has no compiled decode yet) gets measurements 1 and 4, eager
-only, against HF DeepseekV4 `generate`; its cache and long-context figures are in
-benchmarks/v4_attention.py.
+A DeepSeek-V4 checkpoint gets measurements 1 and 4 against HF DeepseekV4 `generate` (its compiled
+engine compiles the cache-free parts of each block: V4Transformer.compile_stateless); its cache and
+long-context figures are in benchmarks/v4_attention.py.
 
     python benchmarks/decode.py --ckpt runs/demo/checkpoints/step_0000300 [--dtype float32|bfloat16]
 
@@ -103,8 +103,8 @@ def main() -> None:
     n = args.tokens
 
     # 1. batch-1 decode tokens/s, same weights, same greedy settings
-    compiled = None if v4 else Engine(model, max_batch=1, max_len=1024, compile=True)
-    for m in (16, 48, 8) if compiled else ():  # compile, and let the context length become a symbolic size
+    compiled = Engine(model, max_batch=1, max_len=1024, compile=True)
+    for m in (16, 48, 8):  # compile, and let the context length become a symbolic size
         ours_greedy(model, prompt, m, engine=compiled)
     ours_greedy(model, prompt, 8), hf_greedy(hf, prompt, 8)  # warm-up
     out_ours = ours_greedy(model, prompt, n)[0]
@@ -114,15 +114,14 @@ def main() -> None:
     same = sum(a == b for a, b in zip(out_ours, hf_out.sequences[0, len(prompt):].tolist())) / n
     emit(rows, metric="decode_tokens_per_s_batch1", dtype=args.dtype, tokens=n, ours=round(n / t_ours, 1),
          hf=round(n / t_hf, 1), ratio=round(t_hf / t_ours, 2), same_tokens_fraction=round(same, 3))
-    if compiled:
-        t_comp = timed(lambda: ours_greedy(model, prompt, n, engine=compiled))
-        same_compiled = ours_greedy(model, prompt, n, engine=compiled)[0] == out_ours
-        emit(rows, metric="decode_tokens_per_s_batch1_compiled", dtype=args.dtype, tokens=n,
-             ours=round(n / t_comp, 1), hf=round(n / t_hf, 1), ratio=round(t_hf / t_comp, 2),
-             same_as_eager=same_compiled)
+    t_comp = timed(lambda: ours_greedy(model, prompt, n, engine=compiled))
+    same_compiled = ours_greedy(model, prompt, n, engine=compiled)[0] == out_ours
+    emit(rows, metric="decode_tokens_per_s_batch1_compiled", dtype=args.dtype, tokens=n,
+         ours=round(n / t_comp, 1), hf=round(n / t_hf, 1), ratio=round(t_hf / t_comp, 2),
+         same_as_eager=same_compiled)
     if not v4:
         v3_cache_and_context(args, rows, model, hf_out, dtype, tmp)
-    mtp_speculation(args, rows, model, n, compile_too=not v4)
+    mtp_speculation(args, rows, model, n)
     print_table(rows)
 
 
@@ -162,11 +161,11 @@ def v3_cache_and_context(args, rows: list[dict], model, hf_out, dtype: torch.dty
     del long_model, long_hf
 
 
-def mtp_speculation(args, rows: list[dict], model, n: int, compile_too: bool) -> None:
+def mtp_speculation(args, rows: list[dict], model, n: int) -> None:
     """Measurement 4: MTP self-speculative decoding on the trained model, 1..K drafts per step."""
     if len(model.mtp):
         prompts = [list(range(10, 42)), [50, 60, 70, 80], list(range(200, 216))]
-        for comp in (False, True) if compile_too else (False,):
+        for comp in (False, True):
             plain_eng = Engine(model, max_batch=1, max_len=1024, compile=comp)
             for p in prompts:  # warm-up (compiles)
                 for m in (16, 48):

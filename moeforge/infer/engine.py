@@ -158,7 +158,7 @@ class Engine:
             raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
         if draft_tokens > 1 and not speculative:
             raise ValueError("draft tokens are made by MTP speculation: add --speculative (speculative=True)")
-        self.v4 = cfg.v4 is not None
+        self.v4, self.compile = cfg.v4 is not None, compile
         if self.v4 and compile:
             model.compile_stateless()  # V4: the blocks' cache-free parts compiled, attention over its caches eager
         self.speculative = speculative
@@ -272,6 +272,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Admit, prefill, decode one step, retire. Returns the requests that changed."""
+        if self.v4 and self.compile:
+            with self.model.stateless_compiled():  # V4: the compiled block parts, for this engine's calls only
+                return self._step()
+        return self._step()
+
+    def _step(self) -> list[Request]:
         changed: list[Request] = []
         while self.inbox:
             self.waiting.append(self.inbox.popleft())

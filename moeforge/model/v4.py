@@ -26,6 +26,9 @@ Shapes: B batch, T tokens, n hc_mult, D hidden.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -49,7 +52,7 @@ class V4Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         self.attn_hc = HyperConnection(D, v.hc_mult, v.hc_sinkhorn_iters, v.hc_eps, cfg.rms_norm_eps)
         self.ffn_hc = HyperConnection(D, v.hc_mult, v.hc_sinkhorn_iters, v.hc_eps, cfg.rms_norm_eps)
-        self.compiled: tuple | None = None  # compiled (attention_input, ffn): V4Transformer.compile_stateless
+        self.compiled: tuple | None = None  # (attention_input, ffn) compiled, while V4Transformer.stateless_compiled
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, cache: V4LayerCache | None = None
                 ) -> tuple[torch.Tensor, V4LayerCache, MoEStats]:
@@ -137,15 +140,33 @@ class V4Transformer(nn.Module):
         `V4Block.ffn` (the mHC maps, merges, norms and MoE), and the attention's projections (`V4Attention.project`,
         `V4Attention.output`). What runs over the per-row caches, which grow token by token (compressors, indexer,
         attention over window and compressed entries), stays eager, and so does every call on more than
-        `COMPILED_TOKENS` tokens per row (prefill, training), as in the V3 engine, whose prefill is eager. What the
-        inference engine does for V4 with `compile=True`; idempotent, parameters and state-dict names unchanged.
+        `COMPILED_TOKENS` tokens per row (prefill, training), as in the V3 engine, whose prefill is eager. The
+        compiled parts run only inside `stateless_compiled()`. What the inference engine does for V4 with
+        `compile=True`; idempotent, parameters and state-dict names unchanged.
         Blocks of one kind share their compiled graphs (Dynamo inlines the modules and takes their parameters as
         inputs)."""
-        for block in [*self.layers, *(m.block for m in self.mtp)]:
-            if block.compiled is None:
-                block.compiled = (torch.compile(block.attention_input), torch.compile(block.ffn))
+        for block in self._blocks():
+            if not hasattr(block, "compiled_parts"):
+                block.compiled_parts = (torch.compile(block.attention_input), torch.compile(block.ffn))
                 attn = block.self_attn
-                attn.compiled = (torch.compile(attn.project), torch.compile(attn.output))
+                attn.compiled_parts = (torch.compile(attn.project), torch.compile(attn.output))
+
+    @contextlib.contextmanager
+    def stateless_compiled(self) -> Iterator[None]:
+        """Within this context, blocks run their compiled parts (`compile_stateless`, which must have run) on
+        calls of at most COMPILED_TOKENS tokens per row; outside it the model is eager as ever (the engine
+        enters it for its steps only, so other users of the same model are unaffected)."""
+        modules = [m for b in self._blocks() for m in (b, b.self_attn)]
+        for m in modules:
+            m.compiled = m.compiled_parts
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.compiled = None
+
+    def _blocks(self) -> list[V4Block]:
+        return [*self.layers, *(m.block for m in self.mtp)]
 
     def forward(
         self,

@@ -225,7 +225,7 @@ class V4Attention(nn.Module):
         self.o_b_proj = Linear(self.groups * v.o_lora_rank, D, bias=False)
         self.sinks = nn.Parameter(torch.empty(self.h, dtype=torch.float32))
         self.compressor: Compressor | None = None
-        self.compiled: tuple | None = None  # compiled (project, output): V4Transformer.compile_stateless
+        self.compiled: tuple | None = None  # (project, output) compiled, while V4Transformer.stateless_compiled
         if layer_type == "heavily_compressed_attention":
             self.compressor = Compressor(D, self.d, v.hca_compress_rate, False, v.compress_rope, self.rope_dim,
                                          cfg.rms_norm_eps)
