@@ -32,6 +32,7 @@ Shapes: B rows in a step, T tokens, D hidden, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -272,12 +273,6 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Admit, prefill, decode one step, retire. Returns the requests that changed."""
-        if self.v4 and self.compile:
-            with self.model.stateless_compiled():  # V4: the compiled block parts, for this engine's calls only
-                return self._step()
-        return self._step()
-
-    def _step(self) -> list[Request]:
         changed: list[Request] = []
         while self.inbox:
             self.waiting.append(self.inbox.popleft())
@@ -302,12 +297,14 @@ class Engine:
         self._retire()
         if self.active:
             rows = list(self.active)
-            if self.speculative:
-                from moeforge.infer.speculative import speculative_step
+            # V4 with compile: the compiled block parts for this engine's decode-time calls (prefill stays eager)
+            with self.model.stateless_compiled() if self.v4 and self.compile else contextlib.nullcontext():
+                if self.speculative:
+                    from moeforge.infer.speculative import speculative_step
 
-                speculative_step(self, rows)
-            else:
-                self._decode(rows)
+                    speculative_step(self, rows)
+                else:
+                    self._decode(rows)
             self.stats.steps += 1
             self.stats.batch_size_sum += len(rows)
             changed += [r for r in rows if r not in changed]

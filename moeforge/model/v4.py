@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch import nn
 from moeforge.config import ModelConfig
 from moeforge.model.hyper import HyperConnection, HyperHead
 from moeforge.model.layers import RMSNorm
-from moeforge.model.moe import MoE, MoEStats
+from moeforge.model.moe import HashRouter, MoE, MoEStats
 from moeforge.model.transformer import ModelOutput, init_parameters, run_mtp
 from moeforge.model.v4_attention import COMPILED_TOKENS, V4Attention, V4LayerCache
 from moeforge.ops.linear import Linear
@@ -78,6 +79,14 @@ class V4Block(nn.Module):
         x, post, comb = self.ffn_hc(h)
         f, stats = self.mlp(self.post_attention_layernorm(x), ids)
         return HyperConnection.merge(h, f, post, comb), stats.counts, stats.balance_loss
+
+
+def _ffn_hash(block: V4Block, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return block.ffn(*args)
+
+
+def _ffn_topk(block: V4Block, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return block.ffn(*args)
 
 
 class V4MTPModule(nn.Module):
@@ -145,9 +154,13 @@ class V4Transformer(nn.Module):
         `compile=True`; idempotent, parameters and state-dict names unchanged.
         Blocks of one kind share their compiled graphs (Dynamo inlines the modules and takes their parameters as
         inputs)."""
+        # hash-routed and top-k blocks trace to different graphs: each kind gets its own function (Dynamo keeps
+        # compiled variants per function, up to a recompile limit that the two kinds' shape variants would share)
+        ffn = {True: torch.compile(_ffn_hash), False: torch.compile(_ffn_topk)}
         for block in self._blocks():
             if not hasattr(block, "compiled_parts"):
-                block.compiled_parts = (torch.compile(block.attention_input), torch.compile(block.ffn))
+                kind = isinstance(block.mlp.gate, HashRouter)
+                block.compiled_parts = (torch.compile(block.attention_input), partial(ffn[kind], block))
                 attn = block.self_attn
                 attn.compiled_parts = (torch.compile(attn.project), torch.compile(attn.output))
 
