@@ -2,7 +2,7 @@
 
 DeepSeekMoE (V2 report section 2.2, V3 report section 2.1.2):
 
-* Router: scores s = sigmoid(x W^T) (V3) or softmax (V2) in fp32. Group-limited
+* Router: scores s = sigmoid(x W^T) (V3) or softmax (V2) in fp32 (under bf16 autocast too). Group-limited
   selection keeps the best `topk_group` of `n_group` expert groups (V3: group score =
   sum of its top-2 of s + b; V2: max of s), then top-k. The bias b
   (`e_score_correction_bias`, fp32 buffer) affects *selection only*; gate weights come
@@ -66,7 +66,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = linear(x.float(), self.weight.float())  # (N, E) fp32
+        logits = gate_logits(x, self.weight)  # (N, E) fp32
         scores = _score(logits, cfg.scoring_func)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if cfg.topk_method != "greedy" and cfg.n_group > 1:
@@ -85,6 +85,16 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return Routing(indices, weights * cfg.routed_scaling_factor, scores)
+
+
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits x W^T in fp32, under autocast too: the V3 report keeps the gating module in its original
+    precision in mixed-precision training, and autocast would otherwise run this product in bf16 (as HF's
+    modeling code does under autocast; in fp32 both are the same product)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return linear(x.float(), weight.float())
+    return linear(x.float(), weight.float())
 
 
 def _score(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -114,7 +124,7 @@ class HashRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> Routing:
         cfg = self.cfg
-        scores = _score(linear(x.float(), self.weight.float()), cfg.scoring_func)  # (N, E)
+        scores = _score(gate_logits(x, self.weight), cfg.scoring_func)  # (N, E) fp32
         indices = self.tid2eid[ids.reshape(-1)]
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:

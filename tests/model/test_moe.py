@@ -97,6 +97,28 @@ def _init(moe):
     return moe
 
 
+@pytest.mark.parametrize("hashed", [False, True])
+def test_router_logits_stay_fp32_under_autocast(hashed):
+    """The gating product runs in fp32 under bf16 autocast (the V3 report's mixed precision keeps the gate in its
+    original precision): the same routing as without autocast, where a plain F.linear would round to bf16."""
+    from moeforge.model.moe import HashRouter
+
+    torch.manual_seed(0)
+    cfg = _v3_cfg()
+    router = HashRouter(D, cfg, 50) if hashed else Router(D, cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    if hashed:
+        router.init_table(seed=0)
+    x, ids = torch.randn(64, D), torch.randint(0, 50, (1, 64))
+    args = (x, ids) if hashed else (x,)
+    plain = router(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(*args)
+        assert F.linear(x, router.weight).dtype == torch.bfloat16  # what autocast does to a plain product
+    assert mixed.scores.dtype == torch.float32 and torch.equal(mixed.scores, plain.scores)
+    assert torch.equal(mixed.indices, plain.indices) and torch.equal(mixed.weights, plain.weights)
+
+
 def test_moe_block_matches_per_token_reference_and_hf():
     cfg = _v3_cfg()
     moe = _init(MoE(D, cfg)).double()
