@@ -1,8 +1,8 @@
 """Scaled dot-product attention for MLA's naive path (training, prefill): fused kernel or explicit GEMMs.
 
-`attend` runs PyTorch's `scaled_dot_product_attention` (the flash kernel on CPU), except in one
-case where a plain formulation is much faster: bf16 on CPU with a causal (or no) mask and a score
-matrix of at most `EXPLICIT_SCORES` elements. There the scores come from one batched bf16 GEMM with
+`attend` runs PyTorch's `scaled_dot_product_attention` (the flash kernel on CPU), except where a plain
+formulation is faster: on CPU with a causal (or no) mask, bf16 with a score matrix of at most
+`EXPLICIT_SCORES` elements, and fp32 for short sequences (below). There the scores come from one batched bf16 GEMM with
 the scale and the additive causal mask applied in its epilogue (`baddbmm`), the softmax runs in
 PyTorch's bf16 kernel (fp32 inside, bf16 out) and a second GEMM applies it to V; autograd's own
 backward of those three ops is the backward pass. On this class of CPU (AVX-512 bf16 dot products)
@@ -19,9 +19,16 @@ What it gives up: the scores are rounded to bf16 before the softmax (the flash k
 fp32), as HF's eager attention does under bf16 autocast; against an fp64 reference the output's
 error measured 0.035 against flash's 0.019 at 8 x 256 tokens, the gradients' about the same (0.04-0.06
 both). And memory: the backward pass keeps the (B, H, T, S) bf16 probabilities, which is why the
-path is bounded to `EXPLICIT_SCORES` elements (32 MiB). fp32 keeps the flash kernel, which is exact
-in fp32 and was as fast or faster from 256 tokens up; so does any explicit boolean mask (left-padded
-batches, whose fully masked rows the kernels treat in their own way).
+path is bounded to `EXPLICIT_SCORES` elements (32 MiB). Any explicit boolean mask (left-padded batches,
+whose fully masked rows the kernels treat in their own way) keeps the fused kernel.
+
+fp32, where the explicit form is exact fp32 arithmetic like the flash kernel: `attention_cpu.py --dtype
+float32` (2026-11-30) measured it at 1.31x / 1.09x / 1.04x the flash kernel for the tiny preset's heads at
+16 x 128 / 8 x 256 / 4 x 512 tokens and 1.25x for V3-sized heads at 4 x 256 and 2 x 512, but 0.92x at
+1 x 1024 and 0.76x / 0.61x at 2 x 1024 / 1 x 2048 (tiny heads). So fp32 takes it up to
+`EXPLICIT_FP32_TOKENS` queries and keys and `EXPLICIT_FP32_SCORES` score elements. In the tiny preset's
+fp32 training step the flash kernel's backward had made our attention slower than HF's eager attention
+(56.5 vs 50.8 ms per step, benchmarks/train_step.py --breakdown).
 
 Shapes: B batch, H heads, T queries, S keys, D query/key dim, V value dim.
 """
@@ -32,12 +39,21 @@ import torch
 import torch.nn.functional as F
 
 EXPLICIT_SCORES = 2**24  # score elements B*H*T*S up to which bf16 CPU attention runs as explicit GEMMs
+EXPLICIT_FP32_TOKENS = 512  # fp32 CPU attention runs explicitly for at most this many queries and keys ...
+EXPLICIT_FP32_SCORES = 2**23  # ... and at most this many score elements (32 MiB of fp32 probabilities)
 
 
 def explicit_pays(q: torch.Tensor, S: int) -> bool:
-    """Take the explicit path for queries q (B, H, T, D) over S keys? bf16 on CPU, scores within bound."""
+    """Take the explicit path for queries q (B, H, T, D) over S keys? On CPU: bf16 with the scores within
+    EXPLICIT_SCORES; fp32 for short sequences (EXPLICIT_FP32_TOKENS, EXPLICIT_FP32_SCORES), where it measured
+    1.04-1.31x the flash kernel forward + backward and lost from 1K tokens."""
     B, H, T, _ = q.shape
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and B * H * T * S <= EXPLICIT_SCORES
+    if q.device.type != "cpu":
+        return False
+    if q.dtype == torch.bfloat16:
+        return B * H * T * S <= EXPLICIT_SCORES
+    return (q.dtype == torch.float32 and max(T, S) <= EXPLICIT_FP32_TOKENS
+            and B * H * T * S <= EXPLICIT_FP32_SCORES)
 
 
 def causal_keep(T: int, S: int, device: torch.device) -> torch.Tensor:

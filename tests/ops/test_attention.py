@@ -53,20 +53,26 @@ def test_bf16_explicit_path_close_to_fp64():
         assert e <= 2 * f + 1e-3, errs
 
 
-def test_attend_takes_the_explicit_path_only_for_small_bf16_cpu_scores(monkeypatch):
+def test_attend_takes_the_explicit_path_only_where_it_measured_faster(monkeypatch):
     calls = []
     real = attention.explicit_attention
     monkeypatch.setattr(attention, "explicit_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     q, k, v = _qkv(2, 2, 8, 8, 16, 8, torch.bfloat16)
     attend(q, k, v, 0.25)
-    assert calls == [1]
-    attend(q.float(), k.float(), v.float(), 0.25)  # fp32: the fused kernel, exact in fp32
+    attend(q.float(), k.float(), v.float(), 0.25)  # fp32, short: explicit too (exact fp32 either way)
+    assert calls == [1, 1]
     keep = torch.ones(2, 1, 8, 8, dtype=torch.bool)
     attend(q, k, v, 0.25, mask=keep)  # an explicit bool mask: the fused kernel
-    assert calls == [1]
+    attend(q.double(), k.double(), v.double(), 0.25)  # other dtypes: the fused kernel
+    assert calls == [1, 1]
     assert explicit_pays(torch.empty(1, 4, 2048, 48, dtype=torch.bfloat16), 2048)  # 2^24 scores: still explicit
     assert not explicit_pays(torch.empty(1, 4, 2048, 48, dtype=torch.bfloat16), 2049)
     assert EXPLICIT_SCORES == 4 * 2048 * 2048
+    # fp32: up to 512 queries and keys and 2^23 scores (it lost from 1K tokens)
+    assert explicit_pays(torch.empty(2, 16, 512, 192), 512)
+    assert not explicit_pays(torch.empty(1, 4, 1024, 48), 1024)
+    assert not explicit_pays(torch.empty(1, 4, 1, 48), 1024)  # one query over 1K keys: the fused kernel
+    assert not explicit_pays(torch.empty(3, 16, 512, 192), 512)  # 3 * 2^22 scores
 
 
 def test_mla_bf16_loss_and_grads_as_close_to_fp32_as_the_fused_kernels(monkeypatch):
