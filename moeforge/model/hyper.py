@@ -106,8 +106,8 @@ class _Sinkhorn(torch.autograd.Function):
         on_numpy = _on_numpy(g)
         saved = [t.numpy() if on_numpy else t for t in ctx.saved_tensors]
         g = _to_columns(g, on_numpy)
-        for (out, d), dim in zip(reversed(list(zip(saved[::2], saved[1::2], strict=True))),
-                                 reversed(_sinkhorn_dims(ctx.iters)), strict=True):
+        steps = list(zip(saved[::2], saved[1::2], _sinkhorn_dims(ctx.iters), strict=True))
+        for out, d, dim in reversed(steps):
             g = g - (g * out).sum(axis=_axis(dim), keepdims=True)
             g /= d
         return _from_columns(g, ctx.shape), None, None
