@@ -41,6 +41,27 @@ def test_onednn_mm_matches_matmul_on_transposed_views(monkeypatch):
     torch.testing.assert_close(onednn.mm(a.t(), a), a.t() @ a, rtol=1e-5, atol=1e-4)  # weight-gradient form
 
 
+@needs_op
+# first operand: x^T (8 x 200) for a wide output, gy^T (8 x 200) for a narrow one; never the 64-row one
+@pytest.mark.parametrize(("out_features", "in_features", "first"), [(64, 8, (8, 200)), (8, 64, (8, 200))])
+def test_weight_gradient_transposes_the_smaller_operand(monkeypatch, out_features, in_features, first):
+    """gy^T @ x computed as written when gy (200 x out) is the smaller transpose, else as (x^T @ gy)^T:
+    oneDNN's first operand is the one copied. Both forms equal PyTorch's product, through mm and Linear."""
+    monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: True)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)
+    seen = []
+    real = onednn._lp
+    monkeypatch.setattr(onednn, "_lp", lambda x, w, b=None: seen.append(tuple(x.shape)) or real(x, w, b))
+    torch.manual_seed(2)
+    gy, x = torch.randn(200, out_features), torch.randn(200, in_features)
+    torch.testing.assert_close(onednn.mm(gy.t(), x), gy.t() @ x, rtol=1e-5, atol=1e-4)
+    assert seen == [first]
+    w = torch.randn(out_features, in_features, requires_grad=True)
+    (gw,) = torch.autograd.grad(onednn.linear(x, w), w, gy)
+    torch.testing.assert_close(gw, gy.t() @ x, rtol=1e-5, atol=1e-4)
+    assert gw.is_contiguous()
+
+
 def test_taken_only_for_fp32_cpu_outside_autocast_and_compile(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_fp32_faster", lambda: True)
     x = torch.zeros(2, 2)
