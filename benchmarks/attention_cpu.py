@@ -13,6 +13,9 @@ import argparse
 import json
 import time
 
+import moeforge  # noqa: F401 - first: MKL's fast fp32 kernels on AMD CPUs (moeforge._mkl)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 from rich.console import Console

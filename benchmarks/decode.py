@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import moeforge  # noqa: F401 - first: MKL's fast fp32 kernels on AMD CPUs (moeforge._mkl)
+
+# isort: split
 import torch
 
 from moeforge.device import tune_host_memory

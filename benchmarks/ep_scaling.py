@@ -22,6 +22,9 @@ import socket
 import tempfile
 import time
 
+import moeforge  # noqa: F401 - first: MKL's fast fp32 kernels on AMD CPUs (moeforge._mkl)
+
+# isort: split
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

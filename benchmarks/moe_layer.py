@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import moeforge  # noqa: F401 - first: MKL's fast fp32 kernels on AMD CPUs (moeforge._mkl)
+
+# isort: split
 import torch
 from _timing import time_round_robin  # benchmarks/_timing.py (the script folder is on sys.path)
 from rich.console import Console

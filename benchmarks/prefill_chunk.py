@@ -14,6 +14,9 @@ import argparse
 import json
 import time
 
+import moeforge  # noqa: F401 - first: MKL's fast fp32 kernels on AMD CPUs (moeforge._mkl)
+
+# isort: split
 import torch
 
 from moeforge.config import get_preset

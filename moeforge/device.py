@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moeforge import _mkl
 from moeforge.ops.onednn import mm, onednn_fp32_faster
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -347,6 +348,7 @@ def doctor_report(device: torch.device | str | None = None) -> dict[str, Any]:
         "grouped_mm": {name: grouped_mm_works(dev.type, dt) for name, dt in DTYPES.items()},
         "complex_ops": complex_ops_work(d),
         "cpu_fp32_products": ("onednn" if onednn_fp32_faster() else "default") if dev.type == "cpu" else None,
+        "mkl_vendor_override": _mkl.STATE,
         "distributed_backends": _distributed_backends(),
         "torch_compile_importable": _compile_importable(),
         "peak_tflops": {short: peak_tflops_for_name(accelerator_name(dev), dt) if dev.type != "cpu" else None
@@ -376,6 +378,8 @@ def print_doctor(report: dict[str, Any]) -> None:
     if r.get("cpu_fp32_products"):
         t.add_row("fp32 products", "oneDNN (measured faster than MKL here)" if r["cpu_fp32_products"] == "onednn"
                   else "PyTorch default (MKL / BLAS)")
+    if r.get("mkl_vendor_override"):
+        t.add_row("MKL fast kernels on AMD", r["mkl_vendor_override"] + " (moeforge._mkl)")
     t.add_row("torch.compile importable", yes(r["torch_compile_importable"]))
     backends = r["distributed_backends"]
     t.add_row("distributed backends", ", ".join(k for k, v in backends.items() if v and k != "available") or "none")

@@ -1,3 +1,6 @@
+import moeforge  # noqa: F401 - first: MKL's fast fp32 kernels on AMD CPUs (moeforge._mkl)
+
+# isort: split
 import pytest
 import torch
 
