@@ -45,6 +45,11 @@ us per call, dev CPU, 2 threads, eager, torch 2.13 (cold: the caches flushed bef
 | 768 x 256 | 1 | 12 / 73 | 19 / 60: hence `VECTOR_WEIGHT` |
 
 On one thread it is slower, and in bf16 (oneDNN) it measured 10-30% slower, so neither takes it.
+These figures are MKL's generic path, which it runs on AMD CPUs. Where moeforge._mkl has put MKL on its
+fast kernels, plain F.linear beats the transposed product (us, hot, 2 threads: 4096 x 256 at 2 rows 25.5
+against 88.5, at 4 rows 46.4 against 88.6; 768 x 256 at 2 rows 5.4 against 20.3), and only a single row
+against a weight of at least VECTOR_WEIGHT elements still gains from being doubled into a two-row GEMM
+(4096 x 256: 57.8 -> 30.6 us; 4096 x 1024: 294 -> 102 us).
 Whole decodes of the demo checkpoint (batch 1, greedy, 128 tokens x 3 prompts, median of 6 alternating
 rounds in one process): plain 304 -> 324 tok/s, MTP speculation with 3 drafts 379 -> 422 tok/s.
 
@@ -60,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeforge import _mkl
 from moeforge.ops import onednn
 
 SMALL_ROWS = 4  # see above: at 8 rows whole decode steps measured no faster (fp32) or 10% slower (bf16)
@@ -91,6 +97,8 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | No
     if (n > SMALL_ROWS or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32
             or torch.get_num_threads() < 2 or weight.numel() < (WIDE_WEIGHT if n > 1 else VECTOR_WEIGHT)):
         return None
+    if _mkl.STATE == "on":  # MKL on its fast kernels (see below): only a lone row still pays to be doubled
+        return F.linear(torch.cat([x, x]), weight)[:1] if n == 1 else None
     if n == 1:
         x = torch.cat([x, x])  # two columns: a threaded GEMM instead of the matrix-vector kernel
     return torch.mm(weight, x.t())[:, :n].t()

@@ -98,9 +98,13 @@ def test_segment_loop_splits_long_segments_exactly(monkeypatch, dtype):
 
 def test_inference_loop_few_row_segments_of_wide_experts(monkeypatch):
     """Without autograd, segments of 1-4 rows of wide fp32 experts take the threaded transposed product
-    (moeforge.ops.linear.few_rows_product) and still equal the reference; longer segments keep `mm`."""
+    (moeforge.ops.linear.few_rows_product; MKL on its generic path) and still equal the reference; longer
+    segments keep `mm`."""
+    from moeforge import _mkl
     from moeforge.ops import grouped
     from moeforge.ops.linear import VECTOR_WEIGHT
+
+    monkeypatch.setattr(_mkl, "STATE", "off: test")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

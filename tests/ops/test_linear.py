@@ -57,8 +57,11 @@ def test_linear_keeps_nn_linear_state_dict():
 
 @pytest.mark.parametrize("rows", [1, 2, SMALL_ROWS])
 def test_eager_wide_weight_uses_threaded_product_with_f_linear_values(rows, monkeypatch):
-    """Eager fp32 inference on few rows of a wide weight: (W @ x^T)^T (one row padded to two columns),
-    equal to F.linear up to summation order; one row of a narrower weight stays F.linear."""
+    """Eager fp32 inference on few rows of a wide weight, MKL on its generic path: (W @ x^T)^T (one row padded
+    to two columns), equal to F.linear up to summation order; one row of a narrower weight stays F.linear."""
+    from moeforge import _mkl
+
+    monkeypatch.setattr(_mkl, "STATE", "off: test")
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -78,5 +81,29 @@ def test_eager_wide_weight_uses_threaded_product_with_f_linear_values(rows, monk
             torch.testing.assert_close(linear(x, narrow), real(x, narrow), rtol=1e-5, atol=1e-4)
             assert calls == ([1] if rows == 1 else [])  # one row needs VECTOR_WEIGHT, more rows WIDE_WEIGHT
             assert torch.equal(linear(x.bfloat16(), w.bfloat16()), real(x.bfloat16(), w.bfloat16()))  # bf16: F.linear
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [1, 2, SMALL_ROWS])
+def test_with_mkl_fast_kernels_only_a_lone_row_is_doubled(rows, monkeypatch):
+    """Where moeforge._mkl put MKL on its fast kernels, F.linear beats the transposed product: 2-4 rows keep
+    F.linear, and one row against a wide weight runs as a two-row F.linear; same values either way."""
+    from moeforge import _mkl
+
+    monkeypatch.setattr(_mkl, "STATE", "on")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(VECTOR_WEIGHT // 256, 256)
+        x = torch.randn(rows, 1, 256)
+        shapes = []
+        real = F.linear
+        monkeypatch.setattr(F, "linear", lambda a, *r: shapes.append(tuple(a.shape)) or real(a, *r))
+        with torch.no_grad():
+            got = linear(x, w)
+        torch.testing.assert_close(got, real(x, w), rtol=1e-5, atol=1e-4)
+        assert shapes[0] == ((2, 256) if rows == 1 else (rows, 1, 256))
     finally:
         torch.set_num_threads(threads)
