@@ -114,7 +114,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
             gyb[n:p].zero_()  # zero output gradient on the padding rows: they add nothing below
             gy = gyb[:p]
             if gw2 is not None:
-                gw2[e] = mm(gy.t(), a * w)
+                mm(gy.t(), a * w, out=gw2[e])
             if not (need_x or need_w1 or need_wt):
                 continue
             gh = mm(gy, w2[e])  # gradient of the weighted activation (p, I)
@@ -131,7 +131,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
             if gw1 is not None:
                 torch.index_select(x, 0, t, out=xb[:n])
                 xb[n:p].zero_()
-                gw1[e] = mm(grad.t(), xb[:p])
+                mm(grad.t(), xb[:p], out=gw1[e])
             if gx is not None:
                 gx.index_add_(0, t, mm(grad, w1[e])[:n].to(ctx.acc))
         return None if gx is None else gx.to(x.dtype), gw1, gw2, None, None, gwt, None, None
