@@ -191,6 +191,10 @@ def unfused_routed(experts: GroupedExperts, flat: torch.Tensor, tok: torch.Tenso
     return combine(experts(dispatch(flat, tok), counts, weights), tok, flat.shape[0], acc)
 
 
+DENSE_WASTE = 4  # `_dense_pays`: every expert on every token for at most this many times the routed FLOPs ...
+DENSE_CACHE_BYTES = 16 * 2**20  # ... when all experts' weights fit in this many bytes (the demo model's: 6 MiB)
+
+
 @dataclass
 class MoEStats:
     counts: torch.Tensor  # (E,) tokens routed to each expert in this call
@@ -248,17 +252,29 @@ class MoE(nn.Module):
         return self.experts.routed(flat, tok, counts, r.weights.flatten()[order], acc).to(flat.dtype), counts
 
     def _dense_pays(self, n: int) -> bool:
-        """Eager inference on n tokens: run every expert on every token (`_routed_dense`) when their n*K
-        choices cover about all E experts anyway (n*K >= E), n <= SMALL_ROWS and there is more than one
-        thread (the stacked gate|up product then runs as moeforge.ops.linear's threaded few-row product).
-        With n <= 4 that means E <= 4K: at most 4x the routed FLOPs, so only models with few experts per
-        choice qualify (the tiny presets, Mixtral-like 8-choose-2); DeepSeek-V2/V3, Kimi-K2 and V4 never do.
+        """Eager inference on n tokens: run every expert on every token (`_routed_dense`) when n <= SMALL_ROWS,
+        there is more than one thread, and either their n*K choices cover about all E experts anyway
+        (n*K >= E: the segment loop reads every expert's weights too), or that costs at most DENSE_WASTE
+        times the routed FLOPs (E <= 4*n*K) and all experts' weights take at most DENSE_CACHE_BYTES, so
+        reading them all stays in cache. Only models with few experts per choice qualify (the tiny presets,
+        Mixtral-like 8-choose-2 through the first rule); DeepSeek-V2/V3, Kimi-K2 and V4 never do.
         Demo model, its 3 MoE layers on n rows (us, dense vs segment loop, hot): 2 threads n=4 635 vs 850,
-        n=5 1,322 vs 1,203, n=8 1,074 vs 1,019; 1 thread n=4 1,474 vs 900."""
+        n=5 1,322 vs 1,203, n=8 1,074 vs 1,019; 1 thread n=4 1,474 vs 900; with MKL on its fast kernels
+        (moeforge._mkl) n=1 741 vs 907, n=2 824 vs 1,222. Whole eager decodes of the demo checkpoint, batch 1,
+        3 prompts x 128 tokens, median of 4 alternating rounds, once the second rule was added (one token per
+        step now takes the dense path): plain 321.7 -> 354.4 tok/s, 3-draft speculation 244.4 -> 264.1 (fast
+        MKL); 266.8 -> 302.8 and 209.0 -> 221.8 (MKL's generic path)."""
         cfg = self.cfg
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-        return (not torch.is_grad_enabled() and type(self.experts) is GroupedExperts and E <= n * K
-                and n <= SMALL_ROWS and torch.get_num_threads() > 1)
+        if torch.is_grad_enabled() or type(self.experts) is not GroupedExperts or n > SMALL_ROWS:
+            return False
+        if torch.get_num_threads() < 2:
+            return False
+        if E <= n * K:
+            return True
+        ex = self.experts
+        weight_bytes = (ex.gate_up_proj.numel() + ex.down_proj.numel()) * ex.gate_up_proj.element_size()
+        return E <= DENSE_WASTE * n * K and weight_bytes <= DENSE_CACHE_BYTES
 
     def _routed_dense(self, flat: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert on every token, weighted by the gate (zero for the experts a token did not choose):

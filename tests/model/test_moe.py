@@ -159,6 +159,8 @@ def test_inference_paths_match_sorted_segments(path, limit):
 
 
 def test_dense_path_only_where_it_pays(monkeypatch):
+    from moeforge.model import moe as moe_module
+
     moe = _init(MoE(D, _v3_cfg()))  # 16 experts, top-4: E / K = 4
     taken = []
     real = MoE._routed_dense
@@ -169,17 +171,22 @@ def test_dense_path_only_where_it_pays(monkeypatch):
     try:
         with torch.no_grad():
             moe(x)  # 4 tokens x 4 choices cover the 16 experts
-            moe(x[:, :3])  # 12 choices < 16 experts: the segment path
+            moe(x[:, :1])  # 1 token: 4x the routed FLOPs, small experts: dense too
             moe(torch.randn(1, 5, D))  # more than SMALL_ROWS tokens: the segment path
         y, _ = moe(x)  # autograd on: the segment path
-        assert taken == [4]
+        assert taken == [4, 1]
         with torch.no_grad():
             torch.testing.assert_close(moe(x)[0], y.detach(), atol=1e-6, rtol=1e-6)
-            wide = _init(MoE(D, _v3_cfg(n_routed_experts=32, n_group=4)))  # E / K = 8: 4 rows never cover it
-            wide(torch.randn(1, 4, D))
+            wide = _init(MoE(D, _v3_cfg(n_routed_experts=32, n_group=4)))  # E / K = 8
+            wide(torch.randn(1, 1, D))  # 8x the routed FLOPs: the segment path
+            wide(torch.randn(1, 2, D))  # 4x: dense
+            monkeypatch.setattr(moe_module, "DENSE_CACHE_BYTES", 0)  # experts too big to read them all
+            wide(torch.randn(1, 2, D))  # the segment path
+            wide(torch.randn(1, 4, D))  # 16 choices of 32 experts do not cover them: the segment path
+            moe(x)  # ... while covering them still takes the dense path
             torch.set_num_threads(1)
             moe(x)  # one thread: the segment path
-        assert taken == [4, 4]
+        assert taken == [4, 1, 4, 2, 4]
     finally:
         torch.set_num_threads(threads)
 
