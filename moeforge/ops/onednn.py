@@ -1,8 +1,9 @@
 """fp32 matrix products on CPU through oneDNN where it beats PyTorch's BLAS (MKL).
 
 PyTorch runs fp32 `mm` / `F.linear` on CPU with MKL, which on AMD CPUs takes a generic code path at
-about half the chip's fp32 rate unless moeforge._mkl overrides its vendor check (then MKL matches
-oneDNN, handles transposed operands without copies, and the probe below keeps it); on that path: on the dev CPU (AMD EPYC, AVX-512) MKL reached ~210 GFLOP/s on
+about half the chip's fp32 rate unless moeforge._mkl overrides its vendor check (MKL then matches
+oneDNN and takes transposed operands without copies, and the probe below keeps it). On the generic
+path on the dev CPU (AMD EPYC, AVX-512) MKL reached ~210 GFLOP/s on
 2 threads where oneDNN's fp32 kernel, which PyTorch ships for its inference ops
 (`torch.ops.mkldnn._linear_pointwise`), reached ~430 GFLOP/s on the same products, with fp32
 accumulation (max error against fp64 of the same order as MKL's). Products, us, 2 threads:
