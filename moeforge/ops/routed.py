@@ -61,14 +61,16 @@ class _RoutedSwiGLU(torch.autograd.Function):
         xb, wb = x.new_zeros(big, D), x.new_zeros(big, 1)  # rows past a segment stay zero (see below)
         gus = []
         start = 0
+        wts = weights.to(x.dtype).unsqueeze(1)  # gate weights in the product dtype, cast once
         for e, n in enumerate(sizes):
             if n:
                 # rows n..p of the buffers stay zero: zero inputs, zero weights, zero padding outputs
                 p, t = _padded(n, step), tok[start : start + n]
                 torch.index_select(x, 0, t, out=xb[:n])
-                xb[n:p].zero_()
-                wb[:n, 0] = weights[start : start + n].to(x.dtype)
-                wb[n:p].zero_()
+                wb[:n] = wts[start : start + n]
+                if p > n:
+                    xb[n:p].zero_()
+                    wb[n:p].zero_()
                 gu = mm(xb[:p], w1[e].t())  # (p, 2I); padding rows: zero input, zero output
                 gus.append(gu)
                 g, u = _act(gu, limit)
@@ -92,6 +94,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
         D = x.shape[1]
         xb, gyb, wb = x.new_zeros(big, D), x.new_zeros(big, D), x.new_zeros(big, 1)
         gout = gout.to(x.dtype)
+        wts = weights.to(x.dtype).unsqueeze(1)
         start, k = 0, 0
         for e, n in enumerate(ctx.sizes):
             if n == 0:
@@ -107,12 +110,12 @@ class _RoutedSwiGLU(torch.autograd.Function):
             g, u = _act(gu, limit)
             sg = F.silu(g)
             a = sg * u  # the unweighted activation; padding rows are zero
-            wb[:n, 0] = weights[seg].to(x.dtype)
-            wb[n:p].zero_()
-            w = wb[:p]
-            gy = torch.index_select(gout, 0, t, out=gyb[:n])
-            gyb[n:p].zero_()  # zero output gradient on the padding rows: they add nothing below
-            gy = gyb[:p]
+            wb[:n] = wts[seg]
+            torch.index_select(gout, 0, t, out=gyb[:n])
+            if p > n:
+                wb[n:p].zero_()
+                gyb[n:p].zero_()  # zero output gradient on the padding rows: they add nothing below
+            w, gy = wb[:p], gyb[:p]
             if gw2 is not None:
                 mm(gy.t(), a * w, out=gw2[e])
             if not (need_x or need_w1 or need_wt):
@@ -130,7 +133,8 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 grad_u.mul_((raw_u >= -limit) & (raw_u <= limit))
             if gw1 is not None:
                 torch.index_select(x, 0, t, out=xb[:n])
-                xb[n:p].zero_()
+                if p > n:
+                    xb[n:p].zero_()
                 mm(grad.t(), xb[:p], out=gw1[e])
             if gx is not None:
                 gx.index_add_(0, t, mm(grad, w1[e])[:n].to(ctx.acc))
