@@ -9,7 +9,11 @@ with its eager loop and its grouped_mm experts implementation (batched_mm needs 
 weight copy per token-expert pair and does not fit in memory); the best one is the reference. Prints one JSON line per measurement
 and a table with ratios and the activation memory each keeps for its backward pass.
 
-    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5]
+    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5] [--profile]
+
+`--profile` then runs the dense MLP and our block under torch.profiler and splits each step into its
+matrix products (time, FLOPs, rate) and everything else (the five costliest other operations), so the
+gap between the two shows where it is: slower products, or work the dense MLP does not have.
 """
 
 from __future__ import annotations
@@ -78,6 +82,32 @@ def saved_activation_mib(module: torch.nn.Module, x: torch.Tensor) -> float:
     return total / 2**20
 
 
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "mkldnn::_linear_pointwise"}
+
+
+def profile_split(step, steps: int = 3) -> dict:
+    """Per step, from torch.profiler: matrix-product time, FLOPs and rate, the rest, its top five ops."""
+    from torch.profiler import profile
+
+    step()
+    with profile(with_flops=True) as prof:
+        for _ in range(steps):
+            step()
+    gemm_us = flops = other_us = 0.0
+    others: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.key in GEMM_OPS:
+            gemm_us += ev.self_cpu_time_total
+            flops += ev.flops or 0
+        else:
+            other_us += ev.self_cpu_time_total
+            others[ev.key] = ev.self_cpu_time_total / steps / 1e3
+    top = dict(sorted(others.items(), key=lambda kv: -kv[1])[:5])
+    return {"gemm_ms": round(gemm_us / steps / 1e3, 1), "gemm_gflop": round(flops / steps / 1e9, 1),
+            "gemm_gflops_per_s": round(flops / gemm_us / 1e3, 1) if gemm_us else None,
+            "other_ms": round(other_us / steps / 1e3, 1), "top_other_ms": {k: round(v, 1) for k, v in top.items()}}
+
+
 def hf_block(cfg: MoEConfig, hidden: int, impl: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -105,6 +135,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="split dense and our block into products and the rest")
     args = ap.parse_args()
     # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
     print(json.dumps({"host_memory": tune_host_memory()}))
@@ -181,6 +212,17 @@ def main() -> None:
     for k, v in results.items():
         table.add_row(k, f"{v:,.0f}", f"{v / results['dense_mlp']:.2f}", f"{saved[k]:,.0f} MiB")
     Console().print(table)
+
+    if args.profile:  # after the timed rounds: the profiler's own cost stays out of the figures above
+        split = {name: profile_split(steps[name]) for name in ("dense_mlp", "moeforge_loop")}
+        print(json.dumps({"bench": "moe_layer", "profile_per_step": split}))
+        prof = Table(title="per step under torch.profiler (ms)")
+        for col in ("implementation", "products", "GFLOP", "GFLOP/s", "other", "costliest other ops"):
+            prof.add_column(col, justify="left" if col in ("implementation", "costliest other ops") else "right")
+        for name, d in split.items():
+            prof.add_row(name, f"{d['gemm_ms']:.1f}", f"{d['gemm_gflop']:.1f}", f"{d['gemm_gflops_per_s']:.0f}",
+                         f"{d['other_ms']:.1f}", ", ".join(f"{k} {v}" for k, v in d["top_other_ms"].items()))
+        Console(width=200).print(prof)
 
 
 if __name__ == "__main__":
