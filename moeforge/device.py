@@ -169,7 +169,8 @@ def matmul_tflops(device: str) -> dict[str, float | None]:
     """Measured square-matmul throughput (TFLOPS) per name in `DTYPES`; None where the dtype fails.
 
     fp32 on CPU runs through moeforge.ops.onednn.mm, so the figure is the kernel the model's
-    products use (oneDNN where it beats MKL: ~2x on the dev CPU's AMD EPYC).
+    products use (oneDNN where it beats MKL, as on AMD CPUs whose MKL runs its generic code path
+    because moeforge._mkl could not answer MKL's vendor check; MKL otherwise).
     n = 1024 on CPU, 2048 on accelerators: big enough to be compute-bound (a 256-matrix
     reached only ~2/3 of the sustained fp32 rate on the dev CPU), small enough
     to take a few ms per dtype. The dtypes are timed in interleaved rounds and each keeps
