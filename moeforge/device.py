@@ -164,6 +164,23 @@ def dtype_runs(device: str, dtype: torch.dtype) -> bool:
         return False
 
 
+SLOW_PRODUCT_S = 0.005  # a 256-matrix product slower than this (< ~7 GFLOP/s): the dtype is emulated here
+
+
+def _product_size(dev: torch.device, dt: torch.dtype, n: int) -> int | None:
+    """n, or 256 where a 256-matrix product in dt takes over SLOW_PRODUCT_S; None where it fails."""
+    try:
+        small = torch.randn(256, 256, device=dev).to(dt)
+        for _ in range(2):  # the first call may pay library set-up
+            _sync(dev)
+            t0 = time.perf_counter()
+            mm(small, small)
+            _sync(dev)
+        return n if time.perf_counter() - t0 <= SLOW_PRODUCT_S else 256
+    except Exception:  # noqa: BLE001 - the dtype is then reported as failing
+        return None
+
+
 @functools.cache
 def matmul_tflops(device: str) -> dict[str, float | None]:
     """Measured square-matmul throughput (TFLOPS) per name in `DTYPES`; None where the dtype fails.
@@ -173,15 +190,17 @@ def matmul_tflops(device: str) -> dict[str, float | None]:
     because moeforge._mkl could not answer MKL's vendor check; MKL otherwise).
     n = 1024 on CPU, 2048 on accelerators: big enough to be compute-bound (a 256-matrix
     reached only ~2/3 of the sustained fp32 rate on the dev CPU), small enough
-    to take a few ms per dtype. The dtypes are timed in interleaved rounds and each keeps
-    its best round, so a burst of load from other processes hits them alike.
+    to take a few ms per dtype. A dtype whose 256-matrix product takes over SLOW_PRODUCT_S is
+    emulated (fp16 on CPUs without fp16 units: 2 s per 1024-matrix product on the dev CPU, so
+    measuring it at full size cost every `moeforge train` and `moeforge doctor` ~10 s) and is timed at 256.
+    The dtypes are timed in interleaved rounds and each keeps its best round, so a burst of load
+    from other processes hits them alike.
     """
     dev = torch.device(device)
     n, rounds = (1024, 3) if dev.type == "cpu" else (2048, 10)
-    pairs = {}
-    for name, dt in DTYPES.items():
-        if dtype_runs(device, dt):
-            pairs[name] = (torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt))
+    size = {name: _product_size(dev, dt, n) for name, dt in DTYPES.items() if dtype_runs(device, dt)}
+    pairs = {name: tuple(torch.randn(k, k, device=dev).to(DTYPES[name]) for _ in range(2))
+             for name, k in size.items() if k}
     best = dict.fromkeys(pairs, float("inf"))
     failed: set[str] = set()
     for r in range(rounds + 2):  # the first two rounds are warm-up (library init, kernel choice)
@@ -198,7 +217,8 @@ def matmul_tflops(device: str) -> dict[str, float | None]:
             except Exception:  # noqa: BLE001
                 failed.add(name)
     return {
-        name: None if name not in pairs or name in failed else 2 * n**3 / best[name] / 1e12 for name in DTYPES
+        name: None if name not in pairs or name in failed else 2 * size[name] ** 3 / best[name] / 1e12
+        for name in DTYPES
     }
 
 

@@ -145,3 +145,27 @@ for line in open("/proc/self/smaps"):
     advised = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
                                     check=True).stdout.split() for mode in ("tuned", "plain")}
     assert advised == {"tuned": ["True"], "plain": ["False"]}
+
+
+@pytest.mark.skipif(not ON_CPU, reason="CPU-only expectations")
+@pytest.mark.parametrize("slow_s,full", [(float("inf"), True), (0.0, False)])
+def test_emulated_dtypes_are_timed_on_small_products(monkeypatch, slow_s, full):
+    """A dtype whose 256-matrix product is slower than SLOW_PRODUCT_S is timed at 256, not at full size
+    (fp16 on CPUs without fp16 units took 2 s per 1024-matrix product: ~10 s for every train and doctor)."""
+    sizes: list[tuple[str, int]] = []
+
+    def recording_mm(a, b, out=None):
+        sizes.append((str(a.dtype).removeprefix("torch."), a.shape[0]))
+        return a  # the choice of sizes is under test, not the kernels
+
+    monkeypatch.setattr(dev, "mm", recording_mm)
+    monkeypatch.setattr(dev, "SLOW_PRODUCT_S", slow_s)
+    dev.matmul_tflops.cache_clear()
+    try:
+        tflops = dev.matmul_tflops("cpu")
+    finally:
+        dev.matmul_tflops.cache_clear()  # later tests measure with the real kernels again
+    assert tflops["float32"] > 0 and tflops["bfloat16"] > 0
+    timed = {name for name, n in sizes if n == 1024}
+    assert timed == ({name for name, v in tflops.items() if v is not None} if full else set())
+    assert all(n in (256, 1024) for _, n in sizes)
