@@ -9,11 +9,15 @@ with its eager loop and its grouped_mm experts implementation (batched_mm needs 
 weight copy per token-expert pair and does not fit in memory); the best one is the reference. Prints one JSON line per measurement
 and a table with ratios and the activation memory each keeps for its backward pass.
 
-    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5] [--profile]
+    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5] [--profile] [--parts]
 
 `--profile` then runs the dense MLP and our block under torch.profiler and splits each step into its
 matrix products (time, FLOPs, rate) and everything else (the five costliest other operations), so the
-gap between the two shows where it is: slower products, or work the dense MLP does not have.
+gap between the two shows where it is: slower products, or work the dense MLP does not have. The
+profiler adds a few µs to each of the block's ~2,400 small operations and misplaces time after large
+products, so `--parts` times the block's own parts instead, without it: router, routed experts and shared
+experts, each forward + backward on the block's routing, in alternating rounds with the whole block and the
+dense MLP, and what the routed experts spend beyond their products run at the dense MLP's rate.
 """
 
 from __future__ import annotations
@@ -108,6 +112,34 @@ def profile_split(step, steps: int = 3) -> dict:
             "other_ms": round(other_us / steps / 1e3, 1), "top_other_ms": {k: round(v, 1) for k, v in top.items()}}
 
 
+def part_steps(block: MoE, x: torch.Tensor) -> dict:
+    """Forward + backward closures for the block's router, routed experts and shared experts, on its routing of x."""
+    cfg = block.cfg
+    flat = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        r = block.gate(flat)
+    order = r.indices.flatten().argsort(stable=True)
+    tok, counts = order // cfg.num_experts_per_tok, torch.bincount(r.indices.flatten(), minlength=cfg.n_routed_experts)
+    weights = r.weights.flatten()[order]
+
+    def router() -> None:
+        block.zero_grad(set_to_none=True)
+        out = block.gate(flat.detach().requires_grad_())
+        (out.weights.sum() + out.scores.mean()).backward()
+
+    def routed() -> None:
+        block.zero_grad(set_to_none=True)
+        y = block.experts.routed(flat.detach().requires_grad_(), tok, counts, weights.clone().requires_grad_(),
+                                 torch.float32)
+        y.square().mean().backward()
+
+    def shared() -> None:
+        block.zero_grad(set_to_none=True)
+        block.shared_experts(x.detach().requires_grad_()).float().square().mean().backward()
+
+    return {"router": router, "routed experts": routed, "shared experts": shared}
+
+
 def hf_block(cfg: MoEConfig, hidden: int, impl: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -136,6 +168,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="split dense and our block into products and the rest")
+    ap.add_argument("--parts", action="store_true", help="time our block's router, routed and shared experts")
     args = ap.parse_args()
     # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
     print(json.dumps({"host_memory": tune_host_memory()}))
@@ -223,6 +256,27 @@ def main() -> None:
             prof.add_row(name, f"{d['gemm_ms']:.1f}", f"{d['gemm_gflop']:.1f}", f"{d['gemm_gflops_per_s']:.0f}",
                          f"{d['other_ms']:.1f}", ", ".join(f"{k} {v}" for k, v in d["top_other_ms"].items()))
         Console(width=200).print(prof)
+
+    if args.parts:
+        block = modules["moeforge_loop"]
+        timed = time_round_robin({"whole block": steps["moeforge_loop"], "dense MLP": steps["dense_mlp"],
+                                  **part_steps(block, x)}, args.repeats)
+        ms = {k: v * 1e3 for k, v in timed.items()}
+        # matmul FLOPs of forward + backward: 3 products forward, 6 backward, 2 FLOPs per multiply-add
+        dense_flops = 18 * args.tokens * args.hidden * active_width
+        routed_flops = 18 * args.tokens * args.top_k * args.hidden * args.expert_width
+        at_dense_rate = routed_flops / dense_flops * ms["dense MLP"]
+        print(json.dumps({"bench": "moe_layer", "parts_ms": {k: round(v, 1) for k, v in ms.items()},
+                          "routed_products_at_dense_rate_ms": round(at_dense_rate, 1),
+                          "routed_other_ms": round(ms["routed experts"] - at_dense_rate, 1)}))
+        parts = Table(title=f"our block's parts, forward + backward, ms (median of {args.repeats} alternating rounds)")
+        parts.add_column("part")
+        parts.add_column("ms", justify="right")
+        for k, v in ms.items():
+            parts.add_row(k, f"{v:.1f}")
+        parts.add_row("routed products at the dense MLP's rate", f"{at_dense_rate:.1f}")
+        parts.add_row("routed experts' other work", f"{ms['routed experts'] - at_dense_rate:.1f}")
+        Console().print(parts)
 
 
 if __name__ == "__main__":
