@@ -370,11 +370,20 @@ def doctor_report(device: torch.device | str | None = None) -> dict[str, Any]:
         "complex_ops": complex_ops_work(d),
         "cpu_fp32_products": ("onednn" if onednn_fp32_faster() else "default") if dev.type == "cpu" else None,
         "mkl_vendor_override": _mkl.STATE,
+        "native_cpu_kernels": _native_state() if dev.type == "cpu" else None,
         "distributed_backends": _distributed_backends(),
         "torch_compile_importable": _compile_importable(),
         "peak_tflops": {short: peak_tflops_for_name(accelerator_name(dev), dt) if dev.type != "cpu" else None
                         for dt, short in _SHORT.items()},
     }
+
+
+def _native_state() -> str:
+    """Build (once) and load moeforge's native CPU kernels; what happened (moeforge.ops.native.STATE)."""
+    from moeforge.ops import native
+
+    native.ops()
+    return native.STATE
 
 
 def print_doctor(report: dict[str, Any]) -> None:
@@ -401,6 +410,8 @@ def print_doctor(report: dict[str, Any]) -> None:
                   else "PyTorch default (MKL / BLAS)")
     if r.get("mkl_vendor_override"):
         t.add_row("MKL fast kernels on AMD", r["mkl_vendor_override"] + " (moeforge._mkl)")
+    if r.get("native_cpu_kernels"):
+        t.add_row("native CPU kernels", r["native_cpu_kernels"] + " (moeforge.ops.native)")
     t.add_row("torch.compile importable", yes(r["torch_compile_importable"]))
     backends = r["distributed_backends"]
     t.add_row("distributed backends", ", ".join(k for k, v in backends.items() if v and k != "available") or "none")

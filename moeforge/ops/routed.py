@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeforge.ops import native
 from moeforge.ops.grouped import row_bucket
 from moeforge.ops.onednn import mm
 
@@ -141,6 +142,34 @@ class _RoutedSwiGLU(torch.autograd.Function):
         return None if gx is None else gx.to(x.dtype), gw1, gw2, None, None, gwt, None, None
 
 
+class _NativeExperts(torch.autograd.Function):
+    """The same loop in C++ (moeforge/ops/csrc/routed_cpu.cpp, loaded by moeforge.ops.native)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, tok, counts, weights, limit):  # type: ignore[override]
+        out, gu = native.ops().experts_fwd(x, w1, w2, tok, counts, weights, limit)
+        ctx.limit = limit
+        ctx.save_for_backward(x, w1, w2, tok, counts, weights, gu)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):  # type: ignore[override]
+        x, w1, w2, tok, counts, weights, gu = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wanted = (need[0], need[1], need[2], need[5])
+        grads = native.ops().experts_bwd(gout.contiguous(), x, w1, w2, tok, counts, weights, gu, ctx.limit, *wanted)
+        gx, gw1, gw2, gwt = (g if n else None for g, n in zip(grads, wanted))
+        return gx, gw1, gw2, None, None, gwt, None
+
+
+def takes_native(x: torch.Tensor, w1: torch.Tensor, acc: torch.dtype) -> bool:
+    """Run the routed experts with the native kernel? fp32 CPU tensors whose products run on ATen's mm
+    (not oneDNN: moeforge.ops.onednn), outside autocast and compiled graphs, where it could be built."""
+    return (x.device.type == "cpu" and x.dtype == w1.dtype == acc == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and row_bucket(x) == 1 and native.ops() is not None)
+
+
 def routed_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor,
                   weights: torch.Tensor, limit: float = 0.0, acc: torch.dtype = torch.float32) -> torch.Tensor:
     """sum over each token's K experts of weight * down(silu(gate) * up) -> (N, D) in dtype acc.
@@ -153,4 +182,7 @@ def routed_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tok: torc
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
     elif x.dtype != w1.dtype:
         x = x.to(w1.dtype)
+    if takes_native(x, w1, acc):
+        return _NativeExperts.apply(x.contiguous(), w1.contiguous(), w2.contiguous(), tok.contiguous(), counts.cpu(),
+                                    weights.float().contiguous(), float(limit))
     return _RoutedSwiGLU.apply(x, w1, w2, tok, counts, weights, limit, acc)

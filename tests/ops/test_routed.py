@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moeforge.ops import onednn
+from moeforge.ops import native, onednn, routed
 from moeforge.ops.grouped import ROW_BUCKET, grouped_linear, row_bucket
 from moeforge.ops.permute import combine, dispatch
 from moeforge.ops.routed import routed_swiglu
@@ -41,8 +41,14 @@ def _grads(fn, x, w1, w2, tok, counts, weights, limit, acc):
     return [y] + [t.grad for t in leaves]
 
 
+@pytest.fixture
+def python_path(monkeypatch):
+    """The Python segment loop, where fp32 on CPU would otherwise take the native kernel."""
+    monkeypatch.setattr(routed, "takes_native", lambda *a: False)
+
+
 @pytest.mark.parametrize("limit", [0.0, 1.5])
-def test_fused_routed_experts_equal_the_unfused_route(limit):
+def test_fused_routed_experts_equal_the_unfused_route(limit, python_path):
     """Outputs and all four gradients equal dispatch -> grouped matmuls -> combine, bit for bit in fp32;
     with the V4 clamp active on part of the entries, and an expert that receives no token."""
     prob = _problem()
@@ -81,7 +87,7 @@ def test_chunked_segments_change_nothing(monkeypatch, limit):
     each segment padded with zero rows to a multiple of ROW_BUCKET, and the segment loop splits it into a
     multiple plus the remainder: forced on in fp32, the outputs and all gradients still equal the
     unbucketed unfused route's, empty and short segments included."""
-    from moeforge.ops import grouped, routed
+    from moeforge.ops import grouped
 
     g = torch.Generator().manual_seed(1)
     n, e, k = 150, 6, 3
@@ -131,3 +137,109 @@ def test_bf16_segments_are_chunked_and_stay_accurate():
         err_got = (a.double() - r).abs().max()
         err_unf = (b.double() - r).abs().max()
         assert err_got <= 1.5 * err_unf + 1e-3 * r.abs().max(), name
+
+
+# ------------------------------------------------------------------ the native kernel (moeforge/ops/csrc)
+@pytest.fixture
+def native_ops():
+    if native.ops() is None:
+        pytest.skip(f"native kernels unavailable here: {native.STATE}")
+    return native.ops()
+
+
+def test_native_kernels_build_on_linux_with_a_compiler():
+    """Where the project's CI and dev machines run (Linux x86-64 with a C++ compiler) the kernels must build:
+    a silent fallback would hide a broken build."""
+    import platform
+    import shutil
+
+    if not (platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("c++")):
+        pytest.skip("not Linux x86-64 with a C++ compiler")
+    assert native.ops() is not None, native.STATE
+    assert native.STATE == "on"
+
+
+def _bigger_problem():
+    """150 tokens, 6 experts, top-3: segments of ~75 rows (several parallel tasks each), one empty expert."""
+    g = torch.Generator().manual_seed(3)
+    n, e, k = 150, 6, 3
+    x, w1 = torch.randn(n, D, generator=g), torch.randn(e, 2 * I, D, generator=g)
+    w2 = torch.randn(e, D, I, generator=g) * 0.3
+    scores = torch.rand(n, e, generator=g)
+    scores[:, 1] = -1.0
+    idx = scores.topk(k, dim=-1).indices.flatten()
+    order = idx.argsort(stable=True)
+    return x, w1, w2, order // k, torch.bincount(idx, minlength=e), torch.rand(n * k, generator=g)
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+@pytest.mark.parametrize("make", [_problem, _bigger_problem])
+def test_native_kernel_equals_the_python_loop(native_ops, monkeypatch, make, limit):
+    """fp32 on CPU takes the native kernel; its output and four gradients equal the Python loop's up to fp32
+    rounding (vectorised exp, another summation order), the empty expert's weight gradients are zeros."""
+    prob = make()
+    got = _grads(routed_swiglu, *prob, limit, torch.float32)
+    assert type(got[0].grad_fn).__name__ == "_NativeExpertsBackward"
+    monkeypatch.setattr(routed, "takes_native", lambda *a: False)
+    want = _grads(routed_swiglu, *prob, limit, torch.float32)
+    assert type(want[0].grad_fn).__name__ == "_RoutedSwiGLUBackward"
+    for name, a, b in zip(["out", "x", "gate_up", "down", "weights"], got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=name)
+    empty = int((prob[4] == 0).nonzero()[0])
+    assert not got[2][empty].any() and not got[3][empty].any()
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_native_kernel_computes_only_the_gradients_wanted(native_ops, limit):
+    """Each of the four gradients alone (the other inputs frozen) equals its value when all are wanted, and
+    the others stay None."""
+    prob = _bigger_problem()
+    probe = torch.linspace(-1, 1, prob[0].numel()).view_as(prob[0])
+
+    def run(wanted):
+        x, w1, w2, wts = (t.detach().clone().requires_grad_(i in wanted) for i, t in enumerate(prob[:3] + prob[5:]))
+        (routed_swiglu(x, w1, w2, prob[3], prob[4], wts, limit) * probe).sum().backward()
+        return [x.grad, w1.grad, w2.grad, wts.grad]
+
+    every = run({0, 1, 2, 3})
+    for i in range(4):
+        alone = run({i})
+        torch.testing.assert_close(alone[i], every[i], atol=1e-6, rtol=1e-6)
+        assert all(g is None for j, g in enumerate(alone) if j != i)
+
+
+def test_native_kernel_products_are_counted(native_ops, monkeypatch):
+    """torch.utils.flop_counter sees the kernel's products: forward + backward, all gradients or only the
+    input's, count what the Python loop counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w1, w2, tok, counts, wts = _bigger_problem()
+
+    def count(all_grads):
+        leaves = [t.clone().requires_grad_(all_grads or i == 0) for i, t in enumerate((x, w1, w2, wts))]
+        with FlopCounterMode(display=False) as fc:
+            routed_swiglu(leaves[0], leaves[1], leaves[2], tok, counts, leaves[3]).sum().backward()
+        return fc.get_total_flops()
+
+    got = [count(True), count(False)]
+    monkeypatch.setattr(routed, "takes_native", lambda *a: False)
+    want = [count(True), count(False)]
+    assert got == want and want[0] > want[1] > 0
+
+
+def test_native_kernel_rejects_bad_input(native_ops):
+    """Shapes, counts and token ids are checked before any pointer is followed: an error, not a crash."""
+    x, w1, w2, tok, counts, wts = _bigger_problem()
+    with pytest.raises(RuntimeError, match="mismatched shapes"):
+        native_ops.experts_fwd(x, w1, w2[:, :, :-1].contiguous(), tok, counts, wts, 0.0)
+    with pytest.raises(RuntimeError, match="counts must sum"):
+        native_ops.experts_fwd(x, w1, w2, tok, counts + 1, wts, 0.0)
+    bad = tok.clone()
+    bad[5] = x.shape[0]
+    with pytest.raises(RuntimeError, match="token out of range"):
+        native_ops.experts_fwd(x, w1, w2, bad, counts, wts, 0.0)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        native_ops.experts_fwd(x.double(), w1, w2, tok, counts, wts, 0.0)
+    out, gu = native_ops.experts_fwd(x, w1, w2, tok, counts, wts, 0.0)
+    with pytest.raises(RuntimeError, match="mismatched gradient or saved shapes"):
+        native_ops.experts_bwd(out, x, w1, w2, tok, counts, wts, gu[1:].contiguous(), 0.0, True, True, True, True)

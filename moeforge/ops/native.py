@@ -1,0 +1,117 @@
+"""moeforge's native CPU kernels (moeforge/ops/csrc), compiled on first use for this machine.
+
+Today one kernel: the MoE block's routed experts, forward and backward, for fp32 CPU tensors (`experts_fwd` /
+`experts_bwd`, taken by moeforge.ops.routed.routed_swiglu in training). It runs the same per-expert loop as
+the Python one, with each segment's gather, SwiGLU, gate weighting and scatter-add written as one pass over
+rows still in cache, the sigmoid kept from the first backward pass for the second, and no Python or
+dispatcher work between the products, which stay ATen's `mm`. Results equal the Python loop's up to fp32
+rounding (the exp and the summation order differ; tested). Figures: docs/benchmarks.md.
+
+Shapes: N tokens, D hidden, E experts of width I, M = sum(counts) sorted token-expert pairs.
+experts_fwd(x (N, D), w1 (E, 2I, D), w2 (E, D, I), tok (M,) int64, counts (E,) int64, w (M,) gate weights,
+limit) -> [out (N, D), gu (M, 2I)]; experts_bwd(gout, x, w1, w2, tok, counts, w, gu, limit, need_x, need_w1,
+need_w2, need_w) -> [gx, gw1, gw2, gw], of no elements where not needed. Bad shapes, counts or token ids
+raise RuntimeError before any pointer is followed.
+
+The build uses torch.utils.cpp_extension (a C++ compiler and ninja; ~10-20 s once) into
+~/.cache/moeforge/native-<key> (or $XDG_CACHE_HOME), the key covering the source, torch's version and
+the CPU (it is compiled with -march=native). `ops()` returns the loaded op namespace, or None when the
+kernels cannot be had here (no compiler, a failed build, not Linux/macOS on x86-64 or arm64, or
+MOEFORGE_NATIVE=0); callers then take the Python path, which computes the same thing. `STATE` says
+which, and `moeforge doctor` shows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / "routed_cpu.cpp"]
+# -fno-math-errno and -fopenmp-simd let the compiler vectorise exp (glibc's libmvec on x86-64);
+# -fopenmp makes at::parallel_for use PyTorch's OpenMP threads.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fopenmp"]
+STATE = "not tried"
+_OPS = None
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    for part in (torch.__version__, sys.version, platform.machine(), _cpu_id(), " ".join(CFLAGS)):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def ops():
+    """torch.ops.moeforge_native once built and loaded here, else None (see STATE for why)."""
+    global STATE, _OPS
+    if _OPS is not None or STATE != "not tried":
+        return _OPS
+    if os.environ.get("MOEFORGE_NATIVE") == "0":
+        STATE = "off: MOEFORGE_NATIVE=0"
+        return None
+    if not (sys.platform.startswith("linux") or sys.platform == "darwin"):
+        STATE = f"off: not built on {sys.platform}"
+        return None
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        STATE = "off: no C++ compiler (c++) to build it"
+        return None
+    if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated environment
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            STATE = "off: no ninja to build it (pip install ninja)"
+            return None
+    try:
+        from torch.utils import cpp_extension
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeforge" / f"native-{_key()}"
+        cache.mkdir(parents=True, exist_ok=True)
+        if not any(cache.glob("*.so")):
+            print("moeforge: building its native CPU kernels for this machine (once, ~20 s) ...", file=sys.stderr,
+                  flush=True)
+        # cpp_extension builds under a lock file in `cache`, so concurrent processes build it once
+        cpp_extension.load("moeforge_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                           extra_ldflags=["-fopenmp"], build_directory=str(cache), is_python_module=False,
+                           verbose=False)
+        _OPS = torch.ops.moeforge_native
+        _register_flops(_OPS)
+        STATE = "on"
+    except Exception as e:  # noqa: BLE001 - any failure means "take the Python path"
+        STATE = f"off: build failed ({str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__})"
+    return _OPS
+
+
+def _register_flops(lib) -> None:
+    """Let torch.utils.flop_counter count the kernels' products (accounting's tests compare against it)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(lib.experts_fwd)
+    def _fwd(x_shape, w1_shape, w2_shape, tok_shape, *args, **kw) -> int:
+        return 6 * tok_shape[0] * x_shape[1] * (w1_shape[1] // 2)  # gate|up 2*2I*D and down 2*I*D per pair
+
+    @register_flop_formula(lib.experts_bwd)
+    def _bwd(gout_shape, x_shape, w1_shape, w2_shape, tok_shape, counts_shape, w_shape, gu_shape, limit, need_x,
+             need_w1, need_w2, need_w, **kw) -> int:
+        # down's weight gradient, the activation's gradient, gate|up's weight gradient, the input gradient
+        products = need_w2 + (need_x or need_w1 or need_w) + 2 * need_w1 + 2 * need_x
+        return products * 2 * tok_shape[0] * x_shape[1] * (w1_shape[1] // 2)
