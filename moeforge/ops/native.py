@@ -4,8 +4,18 @@ Today one kernel: the MoE block's routed experts, forward and backward, for fp32
 `experts_bwd`, taken by moeforge.ops.routed.routed_swiglu in training). It runs the same per-expert loop as
 the Python one, with each segment's gather, SwiGLU, gate weighting and scatter-add written as one pass over
 rows still in cache, the sigmoid kept from the first backward pass for the second, and no Python or
-dispatcher work between the products, which stay ATen's `mm`. Results equal the Python loop's up to fp32
-rounding (the exp and the summation order differ; tested). Figures: docs/benchmarks.md.
+dispatcher work between the products, which stay ATen's `mm`.
+
+With T > 1 threads and at least 2T experts with rows, the experts run side by side ("lanes"): each thread
+takes whole experts, its products single-threaded (no fork/join per product or per pass, and a product of
+~400 rows runs faster on one thread than split over two), summing into its own (N, D) accumulator; the
+accumulators are added at the end. Experts are dealt to the lanes largest first, each to the least-loaded
+lane, so the summation order depends only on the row counts and T: results repeat exactly from run to run
+(what `moeforge train --resume` relies on). The T - 1 extra accumulators are allowed as long as they take
+no more memory than the gate|up activations kept for the backward pass; otherwise, and with one thread, one
+expert after another with each product on all threads. `set_lanes(n)` forces n lanes (n <= 0: that rule),
+for tests and benchmarks. Results equal the Python loop's up to fp32 rounding (the exp, the summation
+order; tested). Figures: docs/benchmarks.md.
 
 Shapes: N tokens, D hidden, E experts of width I, M = sum(counts) sorted token-expert pairs.
 experts_fwd(x (N, D), w1 (E, 2I, D), w2 (E, D, I), tok (M,) int64, counts (E,) int64, w (M,) gate weights,

@@ -243,3 +243,64 @@ def test_native_kernel_rejects_bad_input(native_ops):
     out, gu = native_ops.experts_fwd(x, w1, w2, tok, counts, wts, 0.0)
     with pytest.raises(RuntimeError, match="mismatched gradient or saved shapes"):
         native_ops.experts_bwd(out, x, w1, w2, tok, counts, wts, gu[1:].contiguous(), 0.0, True, True, True, True)
+
+
+@pytest.fixture
+def lanes(native_ops):
+    """Force the native kernel's lane count (restored to its own rule afterwards)."""
+    yield native_ops.set_lanes
+    native_ops.set_lanes(0)
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_native_lanes_agree_and_repeat_exactly(native_ops, lanes, limit):
+    """Experts side by side on 2 or 3 lanes (3 lanes on fewer threads too) give the one-lane results up to fp32
+    rounding, and the same lane count gives bit-identical results call after call (the plan depends only on
+    the row counts): a resumed training run must repeat an uninterrupted one."""
+    prob = _bigger_problem()
+    runs = {}
+    for n in (1, 2, 3, 2):
+        lanes(n)
+        runs.setdefault(n, []).append(_grads(routed_swiglu, *prob, limit, torch.float32))
+    for n in (2, 3):
+        for name, a, b in zip(["out", "x", "gate_up", "down", "weights"], runs[n][0], runs[1][0]):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=f"{n} lanes: {name}")
+    for a, b in zip(runs[2][0], runs[2][1]):
+        assert torch.equal(a, b)
+
+
+def test_native_lane_rule(native_ops, monkeypatch):
+    """Without a forced count: side by side on all threads when there are at least two experts with rows per
+    thread and the extra accumulators fit in the gate|up activations' memory; else one lane. Observed through
+    the summation order: one lane reproduces set_lanes(1) bit for bit."""
+    x, w1, w2, tok, counts, wts = _bigger_problem()  # 5 experts with rows, N*D = 2,400 <= M*2I = 7,200
+
+    def out(n=0):
+        native_ops.set_lanes(n)
+        try:
+            return native_ops.experts_fwd(x, w1, w2, tok, counts, wts, 0.0)[0]
+        finally:
+            native_ops.set_lanes(0)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        one, two = out(1), out(2)
+        assert not torch.equal(one, two)  # the two summation orders differ somewhere (else the test shows nothing)
+        assert torch.equal(out(), two)  # 5 experts >= 2 * 2 threads, 2,400 <= 7,200
+        torch.set_num_threads(3)
+        assert torch.equal(out(), one)  # 5 experts < 2 * 3 threads
+        torch.set_num_threads(1)
+        assert torch.equal(out(), one)
+        # top-3 of experts of width 2: an extra (N, D) accumulator would outweigh the (M, 2I) activations
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(5)
+        n, e = 200, 6
+        idx = torch.rand(n, e, generator=g).topk(3, dim=-1).indices.flatten()
+        order = idx.argsort(stable=True)
+        x, w1, w2 = torch.randn(n, D, generator=g), torch.randn(e, 4, D, generator=g), torch.randn(e, D, 2, generator=g)
+        tok, counts, wts = order // 3, torch.bincount(idx, minlength=e), torch.rand(3 * n, generator=g)
+        assert (counts > 0).all() and n * D > 3 * n * 2 * 2
+        assert torch.equal(out(), out(1)) and not torch.equal(out(2), out(1))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,15 +1,20 @@
 // The MoE block's routed experts, forward and backward, for fp32 CPU tensors: the per-expert loop of
 // moeforge/ops/routed.py (_RoutedSwiGLU) with each segment's gather, SwiGLU, gate weighting and
-// scatter-add written as one pass over rows that are still in cache, and no Python or dispatcher work
-// between the products (ATen's mm: MKL on x86). Built on first use by moeforge/ops/native.py, which
-// documents shapes and semantics.
+// scatter-add written as one pass over rows that are still in cache, no Python or dispatcher work
+// between the products (ATen's mm: MKL on x86), and the experts run side by side on the threads
+// ("lanes") where that fits. Built on first use by moeforge/ops/native.py, which documents shapes
+// and semantics.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <numeric>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GLIBC__)
@@ -50,7 +55,18 @@ void scatter_add(const float* rows, const int64_t* idx, int64_t n, int64_t d, fl
   });
 }
 
-// Work buffers for segments of up to `rows` rows of experts of width I.
+// One expert's work: its rows, weights and gate weights.
+struct Expert {
+  const int64_t* idx;  // token of each row
+  int64_t n;           // rows
+  at::Tensor w1, w2;   // (2I, D) gate|up, (D, I) down
+  const float* w;      // gate weight of each row
+  float* gup;          // (n, 2I) gate|up pre-activations, written forward, read backward
+  at::Tensor gw1, gw2;  // their gradients (backward; undefined: not wanted)
+  float* gw;            // gate weights' gradient (backward; null: not wanted)
+};
+
+// Work buffers for up to `rows` rows of an expert of width I.
 struct Buffers {
   at::Tensor x, h, y, a, aw, sg, gh, grad;
   Buffers(int64_t rows, int64_t D, int64_t I, const at::TensorOptions& o, bool backward) {
@@ -64,23 +80,22 @@ struct Buffers {
   }
 };
 
-// One expert on n rows: rows = x[idx], gu (n, 2I) <- rows w1e^T (saved for the backward pass),
-// h = silu(g) * u * w, then h w2e^T scatter-added into out at idx.
-void forward_segment(const at::Tensor& x, const int64_t* idx, int64_t n, const at::Tensor& w1e, const at::Tensor& w2e,
-                     const float* w, float limit, at::Tensor gu, at::Tensor& out, Buffers& buf) {
-  const int64_t D = x.size(1), I = w1e.size(0) / 2;
+// out += w * down(silu(gate) * up) of the expert's rows, summed into their tokens' rows; the gate|up
+// pre-activations are kept in ex.gup for the backward pass.
+void forward_expert(const at::Tensor& x, const Expert& ex, float limit, at::Tensor& out, Buffers& buf) {
+  const int64_t n = ex.n, D = x.size(1), I = ex.w1.size(0) / 2;
   auto rows = buf.x.narrow(0, 0, n);
-  gather(x.data_ptr<float>(), idx, n, D, rows.data_ptr<float>());
-  at::mm_out(gu, rows, w1e.t());
+  gather(x.data_ptr<float>(), ex.idx, n, D, rows.data_ptr<float>());
+  auto gu = at::from_blob(ex.gup, {n, 2 * I}, x.options());
+  at::mm_out(gu, rows, ex.w1.t());
   auto h = buf.h.narrow(0, 0, n);
-  const float* gup = gu.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const float* g = gup + r * 2 * I;
+      const float* g = ex.gup + r * 2 * I;
       const float* u = g + I;
       float* o = hp + r * I;
-      const float wr = w[r];
+      const float wr = ex.w[r];
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
         const float gg = clamp_gate(g[j], limit);
@@ -89,18 +104,18 @@ void forward_segment(const at::Tensor& x, const int64_t* idx, int64_t n, const a
     }
   });
   auto y = buf.y.narrow(0, 0, n);
-  at::mm_out(y, h, w2e.t());
-  scatter_add(y.data_ptr<float>(), idx, n, D, out.data_ptr<float>());
+  at::mm_out(y, h, ex.w2.t());
+  scatter_add(y.data_ptr<float>(), ex.idx, n, D, out.data_ptr<float>());
 }
 
-// Gradients of forward_segment given gout (N, D): gw1e, gw2e (undefined: not wanted), gw (n,) of the gate weights
-// (null: not wanted), and the input gradient scatter-added into gx at idx (gx undefined: not wanted).
-void backward_segment(const at::Tensor& gout, const at::Tensor& x, const int64_t* idx, int64_t n,
-                      const at::Tensor& w1e, const at::Tensor& w2e, const float* w, const float* gup, float limit,
-                      at::Tensor gw1e, at::Tensor gw2e, float* gw, at::Tensor& gx, Buffers& buf) {
-  const int64_t D = x.size(1), I = w1e.size(0) / 2, I2 = 2 * I;
+// The expert's gradients given gout (N, D): ex.gw1, ex.gw2, ex.gw where wanted, and its input gradient summed into
+// gx (undefined: not wanted).
+void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& ex, float limit, at::Tensor& gx,
+                     Buffers& buf) {
+  const int64_t n = ex.n, D = x.size(1), I = ex.w1.size(0) / 2, I2 = 2 * I;
+  const float* gup = ex.gup;
   auto gy = buf.y.narrow(0, 0, n);
-  gather(gout.data_ptr<float>(), idx, n, D, gy.data_ptr<float>());
+  gather(gout.data_ptr<float>(), ex.idx, n, D, gy.data_ptr<float>());
   auto a = buf.a.narrow(0, 0, n), aw = buf.aw.narrow(0, 0, n), sg = buf.sg.narrow(0, 0, n);
   float *ap = a.data_ptr<float>(), *awp = aw.data_ptr<float>(), *sgp = sg.data_ptr<float>();
   // a = silu(g) * u (unweighted), aw = a * w, sg = sigmoid(g)
@@ -108,7 +123,7 @@ void backward_segment(const at::Tensor& gout, const at::Tensor& x, const int64_t
     for (int64_t r = b; r < e; ++r) {
       const float* g = gup + r * I2;
       const float* u = g + I;
-      const float wr = w[r];
+      const float wr = ex.w[r];
       float *ar = ap + r * I, *awr = awp + r * I, *sgr = sgp + r * I;
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
@@ -121,10 +136,13 @@ void backward_segment(const at::Tensor& gout, const at::Tensor& x, const int64_t
       }
     }
   });
-  if (gw2e.defined()) at::mm_out(gw2e, gy.t(), aw);
-  if (!(gx.defined() || gw1e.defined() || gw)) return;
+  if (ex.gw2.defined()) {
+    auto o = ex.gw2;
+    at::mm_out(o, gy.t(), aw);
+  }
+  if (!(gx.defined() || ex.gw1.defined() || ex.gw)) return;
   auto gh = buf.gh.narrow(0, 0, n), grad = buf.grad.narrow(0, 0, n);
-  at::mm_out(gh, gy, w2e);  // gradient of the weighted activation (n, I)
+  at::mm_out(gh, gy, ex.w2);  // gradient of the weighted activation (n, I)
   const float* ghp = gh.data_ptr<float>();
   float* gp = grad.data_ptr<float>();
   at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
@@ -134,13 +152,13 @@ void backward_segment(const at::Tensor& gout, const at::Tensor& x, const int64_t
       const float *ghr = ghp + r * I, *sgr = sgp + r * I;
       float* dg_out = gp + r * I2;
       float* du_out = dg_out + I;
-      const float wr = w[r];
-      if (gw) {
+      const float wr = ex.w[r];
+      if (ex.gw) {
         const float* ar = ap + r * I;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < I; ++j) dot += ghr[j] * ar[j];
-        gw[r] = dot;
+        ex.gw[r] = dot;
       }
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
@@ -158,16 +176,85 @@ void backward_segment(const at::Tensor& gout, const at::Tensor& x, const int64_t
       }
     }
   });
-  if (gw1e.defined()) {
+  if (ex.gw1.defined()) {
     auto rows = buf.x.narrow(0, 0, n);
-    gather(x.data_ptr<float>(), idx, n, D, rows.data_ptr<float>());
-    at::mm_out(gw1e, grad.t(), rows);
+    gather(x.data_ptr<float>(), ex.idx, n, D, rows.data_ptr<float>());
+    auto o = ex.gw1;
+    at::mm_out(o, grad.t(), rows);
   }
   if (gx.defined()) {
     auto gxr = buf.y.narrow(0, 0, n);  // the gathered output gradient is no longer needed
-    at::mm_out(gxr, grad, w1e);
-    scatter_add(gxr.data_ptr<float>(), idx, n, D, gx.data_ptr<float>());
+    at::mm_out(gxr, grad, ex.w1);
+    scatter_add(gxr.data_ptr<float>(), ex.idx, n, D, gx.data_ptr<float>());
   }
+}
+
+// Lanes: with L > 1 threads, experts run side by side, one per thread at a time (its products single-threaded,
+// no fork/join per product or pass), lane l summing into its own accumulator, the accumulators summed at the end.
+// The largest expert goes first, each to the lane with the least work so far (ties: the lower lane): the plan
+// depends only on the row counts and L, so results repeat exactly from run to run (for the same thread count).
+std::vector<std::vector<int64_t>> plan_lanes(const std::vector<Expert>& ex, int64_t lanes) {
+  std::vector<int64_t> order(ex.size()), load(lanes, 0);
+  std::iota(order.begin(), order.end(), 0);
+  auto work = [&](int64_t i) { return ex[i].n * ex[i].w1.size(0); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work(a) > work(b); });
+  std::vector<std::vector<int64_t>> plan(lanes);
+  for (int64_t i : order) {
+    const int64_t l = std::min_element(load.begin(), load.end()) - load.begin();
+    plan[l].push_back(i);
+    load[l] += work(i);
+  }
+  return plan;
+}
+
+// Threads to run the experts on side by side: all of them, when there are at least two experts per thread and
+// the extra accumulators (lanes - 1 of (N, D)) take no more memory than the gate|up activations kept anyway.
+int64_t lane_count(const std::vector<Expert>& ex, int64_t N, int64_t D, int64_t M, int64_t I) {
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || static_cast<int64_t>(ex.size()) < 2 * threads) return 1;
+  return (threads - 1) * N * D <= M * 2 * I ? threads : 1;
+}
+
+// body(expert, buffers, lane) for every expert: in order on one lane (each product and pass on all threads), or
+// along plan_lanes with each thread its own buffers.
+template <class MakeBuffers, class Body>
+void run_experts(const std::vector<Expert>& ex, int64_t lanes, MakeBuffers make, Body body) {
+  if (lanes <= 1) {
+    auto buf = make();
+    for (const auto& e : ex) body(e, buf, 0);
+    return;
+  }
+  const auto plan = plan_lanes(ex, lanes);
+  const at::ThreadLocalState state;  // grad mode and the rest, as at::parallel_for hands them to its threads
+  std::exception_ptr err;
+#pragma omp parallel num_threads(lanes)
+  {
+    try {
+      const at::ThreadLocalStateGuard guard(state);
+      auto buf = make();
+      // a smaller team than asked for still runs every lane, each into its own accumulator
+      for (int64_t l = omp_get_thread_num(); l < lanes; l += omp_get_num_threads())
+        for (int64_t i : plan[l]) body(ex[i], buf, l);
+    } catch (...) {
+#pragma omp critical
+      err = std::current_exception();
+    }
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+// acc[0] += acc[1] + ... + acc[L-1], in that order
+void sum_lanes(const std::vector<at::Tensor>& acc) {
+  if (acc.size() < 2) return;
+  const int64_t n = acc[0].numel();
+  float* dst = acc[0].data_ptr<float>();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (size_t l = 1; l < acc.size(); ++l) {
+      const float* src = acc[l].data_ptr<float>();
+#pragma omp simd
+      for (int64_t j = b; j < e; ++j) dst[j] += src[j];
+    }
+  });
 }
 
 struct Shapes {
@@ -200,6 +287,25 @@ Shapes check_all(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2
   return s;
 }
 
+// The work list: every expert with rows. Gradient fields stay unset.
+std::vector<Expert> experts_of(const Shapes& s, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& tok,
+                               const at::Tensor& counts, const at::Tensor& w, const at::Tensor& gu) {
+  std::vector<Expert> ex;
+  const auto* cnt = counts.data_ptr<int64_t>();
+  for (int64_t e = 0, start = 0; e < s.E; start += cnt[e], ++e) {
+    if (cnt[e] == 0) continue;
+    ex.push_back({tok.data_ptr<int64_t>() + start, cnt[e], w1[e], w2[e], w.data_ptr<float>() + start,
+                  gu.data_ptr<float>() + start * 2 * s.I, {}, {}, nullptr});
+  }
+  return ex;
+}
+
+static int64_t g_lanes = 0;  // <= 0: lane_count decides; set_lanes(n) forces n (benchmarks, tests)
+
+int64_t lanes_for(const std::vector<Expert>& ex, const Shapes& s) {
+  return g_lanes > 0 ? g_lanes : lane_count(ex, s.N, s.D, s.M, s.I);
+}
+
 }  // namespace
 
 // See moeforge/ops/native.py. Returns [out (N, D), gu (M, 2I)].
@@ -208,17 +314,17 @@ std::vector<at::Tensor> experts_fwd(const at::Tensor& x, const at::Tensor& w1, c
                                     double limit) {
   const Shapes s = check_all(x, w1, w2, tok, counts, w);
   const auto o = x.options();
-  auto out = at::zeros({s.N, s.D}, o), gu = at::empty({s.M, 2 * s.I}, o);
-  Buffers buf(s.big, s.D, s.I, o, false);
-  const auto* cnt = counts.data_ptr<int64_t>();
-  const auto* t = tok.data_ptr<int64_t>();
-  const float* wp = w.data_ptr<float>();
-  for (int64_t e = 0, start = 0; e < s.E; start += cnt[e], ++e) {
-    if (cnt[e] == 0) continue;
-    forward_segment(x, t + start, cnt[e], w1[e], w2[e], wp + start, static_cast<float>(limit),
-                    gu.narrow(0, start, cnt[e]), out, buf);
-  }
-  return {out, gu};
+  auto gu = at::empty({s.M, 2 * s.I}, o);
+  const auto ex = experts_of(s, w1, w2, tok, counts, w, gu);
+  const int64_t lanes = lanes_for(ex, s);
+  std::vector<at::Tensor> acc;
+  for (int64_t l = 0; l < lanes; ++l) acc.push_back(at::zeros({s.N, s.D}, o));
+  run_experts(ex, lanes, [&] { return Buffers(s.big, s.D, s.I, o, false); },
+              [&](const Expert& e, Buffers& buf, int64_t l) {
+                forward_expert(x, e, static_cast<float>(limit), acc[l], buf);
+              });
+  sum_lanes(acc);
+  return {acc[0], gu};
 }
 
 // Gradients of experts_fwd's out given gout: [gx, gw1, gw2, gw (M,)]; one not asked for (need_* false) comes back
@@ -233,30 +339,37 @@ std::vector<at::Tensor> experts_bwd(const at::Tensor& gout, const at::Tensor& x,
   TORCH_CHECK(gout.size(0) == s.N && gout.size(1) == s.D && gu.size(0) == s.M && gu.size(1) == 2 * s.I,
               "moeforge native experts: mismatched gradient or saved shapes");
   const auto o = x.options();
-  at::Tensor gx = need_x ? at::zeros({s.N, s.D}, o) : at::Tensor();
+  const auto none = at::empty({0}, o);
   at::Tensor gw1 = need_w1 ? at::empty_like(w1) : at::Tensor(), gw2 = need_w2 ? at::empty_like(w2) : at::Tensor();
   at::Tensor gw = need_w ? at::empty({s.M}, o) : at::Tensor();
-  if (need_x || need_w1 || need_w2 || need_w) {
-    Buffers buf(s.big, s.D, s.I, o, true);
-    const auto* cnt = counts.data_ptr<int64_t>();
-    const auto* t = tok.data_ptr<int64_t>();
-    const float* wp = w.data_ptr<float>();
-    const float* gup = gu.data_ptr<float>();
-    for (int64_t e = 0, start = 0; e < s.E; start += cnt[e], ++e) {
-      if (cnt[e] == 0) {  // an expert that saw no token gets a zero gradient
-        if (need_w1) gw1[e].zero_();
-        if (need_w2) gw2[e].zero_();
-        continue;
-      }
-      backward_segment(gout, x, t + start, cnt[e], w1[e], w2[e], wp + start, gup + start * 2 * s.I,
-                       static_cast<float>(limit), need_w1 ? gw1[e] : at::Tensor(), need_w2 ? gw2[e] : at::Tensor(),
-                       need_w ? gw.data_ptr<float>() + start : nullptr, gx, buf);
+  if (!(need_x || need_w1 || need_w2 || need_w)) return {none, none, none, none};
+  auto ex = experts_of(s, w1, w2, tok, counts, w, gu);
+  const auto* cnt = counts.data_ptr<int64_t>();
+  for (int64_t e = 0, start = 0, k = 0; e < s.E; start += cnt[e], ++e) {
+    if (cnt[e] == 0) {  // an expert that saw no token gets a zero gradient
+      if (need_w1) gw1[e].zero_();
+      if (need_w2) gw2[e].zero_();
+      continue;
     }
+    if (need_w1) ex[k].gw1 = gw1[e];
+    if (need_w2) ex[k].gw2 = gw2[e];
+    if (need_w) ex[k].gw = gw.data_ptr<float>() + start;
+    ++k;
   }
-  const auto none = at::empty({0}, o);
+  const int64_t lanes = lanes_for(ex, s);
+  std::vector<at::Tensor> acc;
+  for (int64_t l = 0; need_x && l < lanes; ++l) acc.push_back(at::zeros({s.N, s.D}, o));
+  at::Tensor no_gx;
+  run_experts(ex, lanes, [&] { return Buffers(s.big, s.D, s.I, o, true); },
+              [&](const Expert& e, Buffers& buf, int64_t l) {
+                backward_expert(gout, x, e, static_cast<float>(limit), need_x ? acc[l] : no_gx, buf);
+              });
+  sum_lanes(acc);
   auto or_none = [&](const at::Tensor& v) { return v.defined() ? v : none; };
-  return {or_none(gx), or_none(gw1), or_none(gw2), or_none(gw)};
+  return {need_x ? acc[0] : none, or_none(gw1), or_none(gw2), or_none(gw)};
 }
+
+void set_lanes(int64_t n) { g_lanes = n; }
 
 TORCH_LIBRARY(moeforge_native, m) {
   m.def("experts_fwd(Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, float limit) -> Tensor[]",
@@ -265,4 +378,5 @@ TORCH_LIBRARY(moeforge_native, m) {
       "experts_bwd(Tensor gout, Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, Tensor gu, "
       "float limit, bool need_x, bool need_w1, bool need_w2, bool need_w) -> Tensor[]",
       &experts_bwd);
+  m.def("set_lanes(int n) -> ()", &set_lanes);
 }
