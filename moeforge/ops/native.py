@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "routed_cpu.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / "moe_cpu.cpp"]
 # -fno-math-errno and -fopenmp-simd let the compiler vectorise exp (glibc's libmvec on x86-64);
 # -fopenmp makes at::parallel_for use PyTorch's OpenMP threads.
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fopenmp"]

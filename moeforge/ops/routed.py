@@ -143,7 +143,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
 
 class _NativeExperts(torch.autograd.Function):
-    """The same loop in C++ (moeforge/ops/csrc/routed_cpu.cpp, loaded by moeforge.ops.native)."""
+    """The same loop in C++ (moeforge/ops/csrc/moe_cpu.cpp, loaded by moeforge.ops.native)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, tok, counts, weights, limit):  # type: ignore[override]

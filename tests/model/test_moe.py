@@ -225,3 +225,50 @@ def test_balance_loss_definition():
     assert stats.balance_loss > 0.5
     moe.eval()
     assert moe(x)[1].balance_loss == 0
+
+
+@pytest.mark.parametrize(("method", "E", "G", "TG", "K"), [
+    ("noaux_tc", 64, 8, 4, 6), ("noaux_tc", 256, 8, 4, 8), ("noaux_tc", 384, 1, 1, 8),
+    ("group_limited_greedy", 160, 8, 3, 6), ("greedy", 64, 1, 1, 6)])
+def test_native_router_selection_equals_torch(monkeypatch, method, E, G, TG, K):
+    """On CPU the router picks experts with the native kernel: the same experts in the same order (by value,
+    descending) as the torch.topk path, for V3 (group score = sum of top-2, dropped groups -inf), V2 (max, 0)
+    and ungrouped configs; ties go to the lower expert."""
+    from moeforge.ops import native
+
+    if native.ops() is None:
+        pytest.skip(f"native kernels unavailable here: {native.STATE}")
+    cfg = _v3_cfg(n_routed_experts=E, n_group=G, topk_group=TG, num_experts_per_tok=K, topk_method=method,
+                  scoring_func="softmax" if method == "group_limited_greedy" else "sigmoid")
+    router = Router(D, cfg)
+    choice = torch.rand(300, E) - (0.5 if method == "noaux_tc" else 0.0)  # V3's biased scores can be negative
+    got = router._select(choice)
+    monkeypatch.setattr(native, "ops", lambda: None)
+    want = router._select(choice)
+    assert torch.equal(got, want)
+    monkeypatch.undo()
+    ties = torch.zeros(4, E)
+    ties[:, E // 2:] = 1.0  # every value ties with half the row
+    expected = torch.sort(-ties, dim=-1, stable=True).indices[:, :K]  # the first of the tied ones
+    if G == 1:
+        assert torch.equal(router._select(ties), expected)
+    else:  # groups tie too: the lower groups of the upper half win
+        assert torch.equal(router._select(ties).sort(-1).values, expected.sort(-1).values)
+
+
+def test_native_pair_sort_equals_stable_argsort():
+    """The MoE block sorts its token-expert pairs with the native counting sort on CPU: the stable argsort's
+    order and the bincount's counts, empty experts and repeated experts in a row included; bad ids are refused."""
+    from moeforge.ops import native
+
+    lib = native.ops()
+    if lib is None:
+        pytest.skip(f"native kernels unavailable here: {native.STATE}")
+    idx = torch.randint(0, 40, (500, 6))
+    idx[idx == 7] = 8  # expert 7 empty
+    idx[3] = 5  # one token choosing the same expert six times
+    order, counts = lib.sort_pairs(idx, 40)
+    assert torch.equal(order, idx.flatten().argsort(stable=True))
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=40)) and counts[7] == 0
+    with pytest.raises(RuntimeError, match="out of range"):
+        lib.sort_pairs(idx, 30)

@@ -1,4 +1,7 @@
-// The MoE block's routed experts, forward and backward, for fp32 CPU tensors: the per-expert loop of
+// The MoE block on CPU: the router's expert selection, and the routed experts' forward and backward for
+// fp32 tensors.
+//
+// Experts: the per-expert loop of
 // moeforge/ops/routed.py (_RoutedSwiGLU) with each segment's gather, SwiGLU, gate weighting and
 // scatter-add written as one pass over rows that are still in cache, no Python or dispatcher work
 // between the products (ATen's mm: MKL on x86), and the experts run side by side on the threads
@@ -369,6 +372,85 @@ std::vector<at::Tensor> experts_bwd(const at::Tensor& gout, const at::Tensor& x,
   return {need_x ? acc[0] : none, or_none(gw1), or_none(gw2), or_none(gw)};
 }
 
+// Router selection: the top-k experts of each row of choice (N, E) fp32 (scores plus the selection bias), as
+// moeforge.model.moe.Router computes it with torch ops: with n_group > 1, each group of E / n_group experts is
+// scored by the sum of its top-2 (sum_top2, DeepSeek-V3's noaux_tc) or by its maximum (V2), the best topk_group
+// groups are kept and every other expert's value becomes `fill` (-inf for V3, 0 for V2); then the k largest
+// values. Indices come out by descending value, ties to the lower expert. -> (N, k) int64.
+at::Tensor select_experts(const at::Tensor& choice, int64_t n_group, int64_t topk_group, int64_t k, bool sum_top2,
+                          double fill_d) {
+  check(choice, "choice", 2);
+  const int64_t N = choice.size(0), E = choice.size(1);
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group && k >= 1 && k <= E,
+              "moeforge native router: bad group or top-k sizes");
+  const int64_t per = E / n_group;
+  TORCH_CHECK(!sum_top2 || n_group == 1 || per >= 2, "moeforge native router: sum_top2 needs groups of >= 2 experts");
+  auto out = at::empty({N, k}, choice.options().dtype(at::kLong));
+  const float* src = choice.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  const float fill = static_cast<float>(fill_d);
+  // a before b in the output: larger value, or equal value and lower index
+  auto before = [](float va, int64_t a, float vb, int64_t b) { return va > vb || (va == vb && a < b); };
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> gscore(n_group), vals(k);
+    std::vector<int64_t> groups(n_group), idx(k);
+    std::vector<char> kept(n_group);
+    for (int64_t r = b; r < e; ++r) {
+      const float* row = src + r * E;
+      std::fill(kept.begin(), kept.end(), 1);
+      if (n_group > 1 && topk_group < n_group) {
+        for (int64_t g = 0; g < n_group; ++g) {
+          const float* v = row + g * per;
+          float m1 = v[0], m2 = -INFINITY;
+          for (int64_t j = 1; j < per; ++j) {
+            if (v[j] > m1) m2 = m1, m1 = v[j];
+            else if (v[j] > m2) m2 = v[j];
+          }
+          gscore[g] = sum_top2 ? m1 + m2 : m1;
+        }
+        std::iota(groups.begin(), groups.end(), 0);
+        std::partial_sort(groups.begin(), groups.begin() + topk_group, groups.end(),
+                          [&](int64_t a, int64_t c) { return before(gscore[a], a, gscore[c], c); });
+        std::fill(kept.begin(), kept.end(), 0);
+        for (int64_t g = 0; g < topk_group; ++g) kept[groups[g]] = 1;
+      }
+      // insertion into the k best seen so far (sorted, best first)
+      int64_t have = 0;
+      for (int64_t j = 0; j < E; ++j) {
+        const float v = kept[j / per] ? row[j] : fill;
+        if (have == k && !before(v, j, vals[k - 1], idx[k - 1])) continue;
+        int64_t p = have < k ? have++ : k - 1;
+        while (p > 0 && before(v, j, vals[p - 1], idx[p - 1])) vals[p] = vals[p - 1], idx[p] = idx[p - 1], --p;
+        vals[p] = v, idx[p] = j;
+      }
+      std::copy(idx.begin(), idx.end(), dst + r * k);
+    }
+  });
+  return out;
+}
+
+// The token-expert pairs of indices (N, K) int64 sorted by expert, stably (a counting sort):
+// [order (M,): pair index p = token * K + slot of each sorted position, counts (E,)]; tok = order / K.
+std::vector<at::Tensor> sort_pairs(const at::Tensor& indices, int64_t E) {
+  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong && indices.is_contiguous() &&
+                  indices.dim() == 2 && E >= 1,
+              "moeforge native router: indices must be a contiguous (N, K) int64 CPU tensor");
+  const int64_t M = indices.numel();
+  const int64_t* ix = indices.data_ptr<int64_t>();
+  auto counts = at::zeros({E}, indices.options());
+  auto order = at::empty({M}, indices.options());
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < M; ++p) {
+    TORCH_CHECK(ix[p] >= 0 && ix[p] < E, "moeforge native router: expert index out of range");
+    ++cnt[ix[p]];
+  }
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + cnt[e - 1];
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t p = 0; p < M; ++p) o[next[ix[p]]++] = p;
+  return {order, counts};
+}
+
 void set_lanes(int64_t n) { g_lanes = n; }
 
 TORCH_LIBRARY(moeforge_native, m) {
@@ -379,4 +461,7 @@ TORCH_LIBRARY(moeforge_native, m) {
       "float limit, bool need_x, bool need_w1, bool need_w2, bool need_w) -> Tensor[]",
       &experts_bwd);
   m.def("set_lanes(int n) -> ()", &set_lanes);
+  m.def("sort_pairs(Tensor indices, int E) -> Tensor[]", &sort_pairs);
+  m.def("select_experts(Tensor choice, int n_group, int topk_group, int k, bool sum_top2, float fill) -> Tensor",
+        &select_experts);
 }
