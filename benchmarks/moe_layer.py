@@ -7,7 +7,9 @@ gets the same fp32 GEMM kernel as our block, oneDNN where that is faster); the s
 torch.nn.Linear (PyTorch's default GEMM) is timed too, for reference. HF's DeepseekV3MoE runs
 with its eager loop and its grouped_mm experts implementation (batched_mm needs a
 weight copy per token-expert pair and does not fit in memory); the best one is the reference. Prints one JSON line per measurement
-and a table with ratios and the activation memory each keeps for its backward pass.
+and a table with ratios and the activation memory each keeps for its backward pass. Our block's router
+selection, pair sort and routed experts run on moeforge's native CPU kernels where they build
+(moeforge.ops.native, printed first); MOEFORGE_NATIVE=0 measures the Python path instead.
 
     .venv/bin/python benchmarks/moe_layer.py [--tokens 4096] [--threads 2] [--repeats 5] [--profile] [--parts]
 
@@ -37,6 +39,7 @@ from moeforge.config import MoEConfig
 from moeforge.device import tune_host_memory
 from moeforge.model.layers import MLP
 from moeforge.model.moe import MoE
+from moeforge.ops import native
 from moeforge.ops.grouped import grouped_mm_works
 
 
@@ -173,6 +176,7 @@ def main() -> None:
     # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
     print(json.dumps({"host_memory": tune_host_memory()}))
     torch.set_num_threads(args.threads)
+    print(json.dumps({"native_cpu_kernels": (native.ops(), native.STATE)[1]}))  # built on first use
     torch.manual_seed(0)
 
     cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=args.shared, num_experts_per_tok=args.top_k,
