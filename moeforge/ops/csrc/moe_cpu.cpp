@@ -414,14 +414,25 @@ at::Tensor select_experts(const at::Tensor& choice, int64_t n_group, int64_t top
         std::fill(kept.begin(), kept.end(), 0);
         for (int64_t g = 0; g < topk_group; ++g) kept[groups[g]] = 1;
       }
-      // insertion into the k best seen so far (sorted, best first)
-      int64_t have = 0;
-      for (int64_t j = 0; j < E; ++j) {
-        const float v = kept[j / per] ? row[j] : fill;
-        if (have == k && !before(v, j, vals[k - 1], idx[k - 1])) continue;
-        int64_t p = have < k ? have++ : k - 1;
-        while (p > 0 && before(v, j, vals[p - 1], idx[p - 1])) vals[p] = vals[p - 1], idx[p] = idx[p - 1], --p;
-        vals[p] = v, idx[p] = j;
+      // insertion into the k best seen so far (sorted, best first), group by group; (tv, ti): the k-th best,
+      // which a later expert must beat (-inf / past-the-end until k are held: anything enters)
+      int64_t have = 0, ti = E;
+      float tv = -INFINITY;
+      float* vp = vals.data();
+      int64_t* ip = idx.data();
+      for (int64_t g = 0; g < n_group; ++g) {
+        const int64_t j0 = g * per;
+        const bool keep = kept[g];
+        // a dropped group's experts all hold `fill`: none can enter if its first one cannot
+        if (!keep && have == k && !before(fill, j0, tv, ti)) continue;
+        for (int64_t j = j0; j < j0 + per; ++j) {
+          const float v = keep ? row[j] : fill;
+          if (have == k && !before(v, j, tv, ti)) continue;
+          int64_t p = have < k ? have++ : k - 1;
+          while (p > 0 && before(v, j, vp[p - 1], ip[p - 1])) vp[p] = vp[p - 1], ip[p] = ip[p - 1], --p;
+          vp[p] = v, ip[p] = j;
+          if (have == k) tv = vp[k - 1], ti = ip[k - 1];
+        }
       }
       std::copy(idx.begin(), idx.end(), dst + r * k);
     }
