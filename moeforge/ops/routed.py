@@ -19,7 +19,9 @@ tokens, top-6 of 64 experts of width 256, hidden 512) the activations saved for 
 backward pass go from 144 to 56 MiB. In fp32 the speed measured the same (2 cores: the
 matmuls run at the CPU's peak either way, and per-segment gathers cost what the two
 large copies did); in bf16 the block ran ~5% faster. It is the training path; without
-autograd the MoE block takes the unfused route, which runs fewer operations per expert.
+autograd the MoE block takes the unfused route, which runs fewer operations per expert. For fp32
+on CPU, `routed_swiglu` hands the whole loop to the native kernel (moeforge.ops.native) where it
+could be built; `_RoutedSwiGLU` is then the reference it is tested against.
 
 `limit` > 0 applies DeepSeek-V4's clamp (gate <= limit, -limit <= up <= limit) with the
 gradient passing where the input lay inside the bounds, as `torch.clamp` does.
