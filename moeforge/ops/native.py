@@ -24,8 +24,9 @@ need_w2, need_w) -> [gx, gw1, gw2, gw], of no elements where not needed. Bad sha
 raise RuntimeError before any pointer is followed.
 
 The build uses torch.utils.cpp_extension (a C++ compiler and ninja; ~10-20 s once) into
-~/.cache/moeforge/native-<key> (or $XDG_CACHE_HOME), the key covering the source, torch's version and
-the CPU (it is compiled with -march=native). `ops()` returns the loaded op namespace, or None when the
+~/.cache/moeforge/native-<key> (or $XDG_CACHE_HOME), the key covering the source and its path, torch's and
+Python's versions and the CPU (it is compiled with -march=native); a build lock left by a killed build is
+cleared after STALE_LOCK_S. `ops()` returns the loaded op namespace, or None when the
 kernels cannot be had here (no compiler, a failed build, not Linux/macOS on x86-64 or arm64, or
 MOEFORGE_NATIVE=0); callers then take the Python path, which computes the same thing. `STATE` says
 which, and `moeforge doctor` shows it.
@@ -38,6 +39,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ SOURCES = [Path(__file__).parent / "csrc" / "moe_cpu.cpp"]
 # -fno-math-errno and -fopenmp-simd let the compiler vectorise exp (glibc's libmvec on x86-64);
 # -fopenmp makes at::parallel_for use PyTorch's OpenMP threads.
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fopenmp"]
+STALE_LOCK_S = 600  # a build lock older than this is a dead build's, not a running one's
 STATE = "not tried"
 _OPS = None
 
@@ -62,8 +65,8 @@ def _cpu_id() -> str:
 
 def _key() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
-        h.update(src.read_bytes())
+    for src in SOURCES:  # the path too: ninja rebuilds when a checkout elsewhere rewrote the build file
+        h.update(src.read_bytes() + str(src.resolve()).encode())
     for part in (torch.__version__, sys.version, platform.machine(), _cpu_id(), " ".join(CFLAGS)):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -80,8 +83,9 @@ def ops():
     if not (sys.platform.startswith("linux") or sys.platform == "darwin"):
         STATE = f"off: not built on {sys.platform}"
         return None
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        STATE = "off: no C++ compiler (c++) to build it"
+    cxx = os.environ.get("CXX", "c++")  # what cpp_extension compiles with
+    if shutil.which(cxx) is None:
+        STATE = f"off: no C++ compiler ({cxx}) to build it"
         return None
     if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) outside an activated environment
         try:
@@ -96,6 +100,7 @@ def ops():
 
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeforge" / f"native-{_key()}"
         cache.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(cache)
         if not any(cache.glob("*.so")):
             print("moeforge: building its native CPU kernels for this machine (once, ~20 s) ...", file=sys.stderr,
                   flush=True)
@@ -109,6 +114,20 @@ def ops():
     except Exception as e:  # noqa: BLE001 - any failure means "take the Python path"
         STATE = f"off: build failed ({str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__})"
     return _OPS
+
+
+def clear_stale_lock(build_dir: Path) -> bool:
+    """Remove cpp_extension's build lock in build_dir if it is older than STALE_LOCK_S: a build killed outright
+    (SIGKILL, power loss) leaves it behind, and every later process would wait on it forever. Returns whether
+    one was removed."""
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
 
 
 def _register_flops(lib) -> None:
