@@ -304,3 +304,15 @@ def test_native_lane_rule(native_ops, monkeypatch):
         assert torch.equal(out(), out(1)) and not torch.equal(out(2), out(1))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_native_kernel_with_no_pairs(native_ops):
+    """No token-expert pairs at all (every count zero): the output and the input gradient are zeros, the expert
+    weights' gradients zeros, nothing left unwritten."""
+    x, w1, w2 = torch.randn(7, D), torch.randn(4, 2 * I, D), torch.randn(4, D, I)
+    empty, counts = torch.zeros(0, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    out, gu = native_ops.experts_fwd(x, w1, w2, empty, counts, torch.zeros(0), 0.0)
+    assert torch.equal(out, torch.zeros(7, D)) and gu.shape == (0, 2 * I)
+    gx, gw1, gw2, gw = native_ops.experts_bwd(torch.randn(7, D), x, w1, w2, empty, counts, torch.zeros(0), gu, 0.0,
+                                              True, True, True, True)
+    assert torch.equal(gx, torch.zeros(7, D)) and not gw1.any() and not gw2.any() and gw.numel() == 0

@@ -46,12 +46,27 @@ void gather(const float* src, const int64_t* idx, int64_t n, int64_t d, float* r
   });
 }
 
-// dst[idx[r]] += rows[r]; one expert's idx are distinct (a token picks an expert once), so rows split freely
-void scatter_add(const float* rows, const int64_t* idx, int64_t n, int64_t d, float* dst) {
+// An (N, D) sum that starts empty: a row's first contribution is copied, later ones added, so nothing is
+// zero-filled first (x + 0 == x: the sums are the same as from zeros). touched[t]: row t holds a value.
+struct Acc {
+  at::Tensor t;
+  std::vector<uint8_t> touched;
+  Acc(int64_t n, int64_t d, const at::TensorOptions& o) : t(at::empty({n, d}, o)), touched(n, 0) {}
+};
+
+// acc[idx[r]] += rows[r]; one expert's idx are distinct (a token picks an expert once), so rows split freely
+void scatter_add(const float* rows, const int64_t* idx, int64_t n, int64_t d, Acc& acc) {
+  float* dst = acc.t.data_ptr<float>();
+  uint8_t* touched = acc.touched.data();
   at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       float* o = dst + idx[r] * d;
       const float* y = rows + r * d;
+      if (!touched[idx[r]]) {
+        std::memcpy(o, y, d * sizeof(float));
+        touched[idx[r]] = 1;
+        continue;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) o[j] += y[j];
     }
@@ -85,7 +100,7 @@ struct Buffers {
 
 // out += w * down(silu(gate) * up) of the expert's rows, summed into their tokens' rows; the gate|up
 // pre-activations are kept in ex.gup for the backward pass.
-void forward_expert(const at::Tensor& x, const Expert& ex, float limit, at::Tensor& out, Buffers& buf) {
+void forward_expert(const at::Tensor& x, const Expert& ex, float limit, Acc& out, Buffers& buf) {
   const int64_t n = ex.n, D = x.size(1), I = ex.w1.size(0) / 2;
   auto rows = buf.x.narrow(0, 0, n);
   gather(x.data_ptr<float>(), ex.idx, n, D, rows.data_ptr<float>());
@@ -108,12 +123,12 @@ void forward_expert(const at::Tensor& x, const Expert& ex, float limit, at::Tens
   });
   auto y = buf.y.narrow(0, 0, n);
   at::mm_out(y, h, ex.w2.t());
-  scatter_add(y.data_ptr<float>(), ex.idx, n, D, out.data_ptr<float>());
+  scatter_add(y.data_ptr<float>(), ex.idx, n, D, out);
 }
 
 // The expert's gradients given gout (N, D): ex.gw1, ex.gw2, ex.gw where wanted, and its input gradient summed into
-// gx (undefined: not wanted).
-void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& ex, float limit, at::Tensor& gx,
+// gx (null: not wanted).
+void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& ex, float limit, Acc* gx,
                      Buffers& buf) {
   const int64_t n = ex.n, D = x.size(1), I = ex.w1.size(0) / 2, I2 = 2 * I;
   const float* gup = ex.gup;
@@ -143,7 +158,7 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
     auto o = ex.gw2;
     at::mm_out(o, gy.t(), aw);
   }
-  if (!(gx.defined() || ex.gw1.defined() || ex.gw)) return;
+  if (!(gx || ex.gw1.defined() || ex.gw)) return;
   auto gh = buf.gh.narrow(0, 0, n), grad = buf.grad.narrow(0, 0, n);
   at::mm_out(gh, gy, ex.w2);  // gradient of the weighted activation (n, I)
   const float* ghp = gh.data_ptr<float>();
@@ -185,10 +200,10 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
     auto o = ex.gw1;
     at::mm_out(o, grad.t(), rows);
   }
-  if (gx.defined()) {
+  if (gx) {
     auto gxr = buf.y.narrow(0, 0, n);  // the gathered output gradient is no longer needed
     at::mm_out(gxr, grad, ex.w1);
-    scatter_add(gxr.data_ptr<float>(), ex.idx, n, D, gx.data_ptr<float>());
+    scatter_add(gxr.data_ptr<float>(), ex.idx, n, D, *gx);
   }
 }
 
@@ -246,18 +261,30 @@ void run_experts(const std::vector<Expert>& ex, int64_t lanes, MakeBuffers make,
   if (err) std::rethrow_exception(err);
 }
 
-// acc[0] += acc[1] + ... + acc[L-1], in that order
-void sum_lanes(const std::vector<at::Tensor>& acc) {
-  if (acc.size() < 2) return;
-  const int64_t n = acc[0].numel();
-  float* dst = acc[0].data_ptr<float>();
-  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-    for (size_t l = 1; l < acc.size(); ++l) {
-      const float* src = acc[l].data_ptr<float>();
+// acc[0] + acc[1] + ... + acc[L-1], row by row in that order, into acc[0]'s tensor; rows no lane holds are 0
+at::Tensor sum_lanes(std::vector<Acc>& acc) {
+  Acc& out = acc[0];
+  const int64_t n = out.t.size(0), d = out.t.size(1);
+  float* dst = out.t.data_ptr<float>();
+  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* o = dst + r * d;
+      bool have = out.touched[r];
+      for (size_t l = 1; l < acc.size(); ++l) {
+        if (!acc[l].touched[r]) continue;
+        const float* src = acc[l].t.data_ptr<float>() + r * d;
+        if (have) {
 #pragma omp simd
-      for (int64_t j = b; j < e; ++j) dst[j] += src[j];
+          for (int64_t j = 0; j < d; ++j) o[j] += src[j];
+        } else {
+          std::memcpy(o, src, d * sizeof(float));
+          have = true;
+        }
+      }
+      if (!have) std::memset(o, 0, d * sizeof(float));
     }
   });
+  return out.t;
 }
 
 struct Shapes {
@@ -320,14 +347,13 @@ std::vector<at::Tensor> experts_fwd(const at::Tensor& x, const at::Tensor& w1, c
   auto gu = at::empty({s.M, 2 * s.I}, o);
   const auto ex = experts_of(s, w1, w2, tok, counts, w, gu);
   const int64_t lanes = lanes_for(ex, s);
-  std::vector<at::Tensor> acc;
-  for (int64_t l = 0; l < lanes; ++l) acc.push_back(at::zeros({s.N, s.D}, o));
+  std::vector<Acc> acc;
+  for (int64_t l = 0; l < lanes; ++l) acc.emplace_back(s.N, s.D, o);
   run_experts(ex, lanes, [&] { return Buffers(s.big, s.D, s.I, o, false); },
               [&](const Expert& e, Buffers& buf, int64_t l) {
                 forward_expert(x, e, static_cast<float>(limit), acc[l], buf);
               });
-  sum_lanes(acc);
-  return {acc[0], gu};
+  return {sum_lanes(acc), gu};
 }
 
 // Gradients of experts_fwd's out given gout: [gx, gw1, gw2, gw (M,)]; one not asked for (need_* false) comes back
@@ -360,16 +386,14 @@ std::vector<at::Tensor> experts_bwd(const at::Tensor& gout, const at::Tensor& x,
     ++k;
   }
   const int64_t lanes = lanes_for(ex, s);
-  std::vector<at::Tensor> acc;
-  for (int64_t l = 0; need_x && l < lanes; ++l) acc.push_back(at::zeros({s.N, s.D}, o));
-  at::Tensor no_gx;
+  std::vector<Acc> acc;
+  for (int64_t l = 0; need_x && l < lanes; ++l) acc.emplace_back(s.N, s.D, o);
   run_experts(ex, lanes, [&] { return Buffers(s.big, s.D, s.I, o, true); },
               [&](const Expert& e, Buffers& buf, int64_t l) {
-                backward_expert(gout, x, e, static_cast<float>(limit), need_x ? acc[l] : no_gx, buf);
+                backward_expert(gout, x, e, static_cast<float>(limit), need_x ? &acc[l] : nullptr, buf);
               });
-  sum_lanes(acc);
   auto or_none = [&](const at::Tensor& v) { return v.defined() ? v : none; };
-  return {need_x ? acc[0] : none, or_none(gw1), or_none(gw2), or_none(gw)};
+  return {need_x ? sum_lanes(acc) : none, or_none(gw1), or_none(gw2), or_none(gw)};
 }
 
 // Router selection: the top-k experts of each row of choice (N, E) fp32 (scores plus the selection bias), as
