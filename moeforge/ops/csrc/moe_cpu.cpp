@@ -86,11 +86,11 @@ struct Expert {
 
 // Work buffers for up to `rows` rows of an expert of width I.
 struct Buffers {
-  at::Tensor x, h, y, a, aw, sg, gh, grad;
+  at::Tensor x, h, y, aw, sg, gh, grad;
   Buffers(int64_t rows, int64_t D, int64_t I, const at::TensorOptions& o, bool backward) {
     x = at::empty({rows, D}, o), y = at::empty({rows, D}, o);
     if (backward) {
-      a = at::empty({rows, I}, o), aw = at::empty({rows, I}, o), sg = at::empty({rows, I}, o);
+      aw = at::empty({rows, I}, o), sg = at::empty({rows, I}, o);
       gh = at::empty({rows, I}, o), grad = at::empty({rows, 2 * I}, o);
     } else {
       h = at::empty({rows, I}, o);
@@ -134,23 +134,21 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
   const float* gup = ex.gup;
   auto gy = buf.y.narrow(0, 0, n);
   gather(gout.data_ptr<float>(), ex.idx, n, D, gy.data_ptr<float>());
-  auto a = buf.a.narrow(0, 0, n), aw = buf.aw.narrow(0, 0, n), sg = buf.sg.narrow(0, 0, n);
-  float *ap = a.data_ptr<float>(), *awp = aw.data_ptr<float>(), *sgp = sg.data_ptr<float>();
-  // a = silu(g) * u (unweighted), aw = a * w, sg = sigmoid(g)
+  auto aw = buf.aw.narrow(0, 0, n), sg = buf.sg.narrow(0, 0, n);
+  float *awp = aw.data_ptr<float>(), *sgp = sg.data_ptr<float>();
+  // aw = silu(g) * u * w (the weighted activation), sg = sigmoid(g)
   at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* g = gup + r * I2;
       const float* u = g + I;
       const float wr = ex.w[r];
-      float *ar = ap + r * I, *awr = awp + r * I, *sgr = sgp + r * I;
+      float *awr = awp + r * I, *sgr = sgp + r * I;
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
         const float gg = clamp_gate(g[j], limit);
         const float s = sigmoid(gg);
-        const float v = gg * s * clamp_up(u[j], limit);
         sgr[j] = s;
-        ar[j] = v;
-        awr[j] = v * wr;
+        awr[j] = gg * s * clamp_up(u[j], limit) * wr;
       }
     }
   });
@@ -171,17 +169,12 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
       float* dg_out = gp + r * I2;
       float* du_out = dg_out + I;
       const float wr = ex.w[r];
-      if (ex.gw) {
-        const float* ar = ap + r * I;
-        float dot = 0.f;
+      float dot = 0.f;  // the gate weight's gradient: gh . (silu(g) * u)
 #pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < I; ++j) dot += ghr[j] * ar[j];
-        ex.gw[r] = dot;
-      }
-#pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
         const float graw = g[j], uraw = u[j];
         const float gg = clamp_gate(graw, limit), uu = clamp_up(uraw, limit), s = sgr[j];
+        dot += ghr[j] * (gg * s * uu);
         const float d = ghr[j] * wr;
         float dg = d * uu * s * (1.0f + gg * (1.0f - s));
         float du = d * gg * s;
@@ -192,6 +185,7 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
         dg_out[j] = dg;
         du_out[j] = du;
       }
+      if (ex.gw) ex.gw[r] = dot;
     }
   });
   if (ex.gw1.defined()) {
