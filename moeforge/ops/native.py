@@ -136,10 +136,11 @@ def _register_flops(lib) -> None:
 
     @register_flop_formula(lib.experts_fwd)
     def _fwd(x_shape, w1_shape, w2_shape, tok_shape, *args, **kw) -> int:
-        return 6 * tok_shape[0] * x_shape[1] * (w1_shape[1] // 2)  # gate|up 2*2I*D and down 2*I*D per pair
+        # the model's products (bucket padding rows not counted): gate|up 2*2I*D and down 2*I*D per pair
+        return 6 * tok_shape[0] * x_shape[1] * (w1_shape[1] // 2)
 
     @register_flop_formula(lib.experts_bwd)
-    def _bwd(gout_shape, x_shape, w1_shape, w2_shape, tok_shape, counts_shape, w_shape, gu_shape, limit, need_x,
+    def _bwd(gout_shape, x_shape, w1_shape, w2_shape, tok_shape, counts_shape, w_shape, gu_shape, limit, step, need_x,
              need_w1, need_w2, need_w, **kw) -> int:
         # down's weight gradient, the activation's gradient, gate|up's weight gradient, the input gradient
         products = need_w2 + (need_x or need_w1 or need_w) + 2 * need_w1 + 2 * need_x

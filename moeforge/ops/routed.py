@@ -20,8 +20,8 @@ backward pass go from 144 to 56 MiB. In fp32 the speed measured the same (2 core
 matmuls run at the CPU's peak either way, and per-segment gathers cost what the two
 large copies did); in bf16 the block ran ~5% faster. It is the training path; without
 autograd the MoE block takes the unfused route, which runs fewer operations per expert. For fp32
-on CPU, `routed_swiglu` hands the whole loop to the native kernel (moeforge.ops.native) where it
-could be built; `_RoutedSwiGLU` is then the reference it is tested against.
+and bf16 on CPU, `routed_swiglu` hands the whole loop to the native kernel (moeforge.ops.native)
+where it could be built; `_RoutedSwiGLU` is then the reference it is tested against.
 
 `limit` > 0 applies DeepSeek-V4's clamp (gate <= limit, -limit <= up <= limit) with the
 gradient passing where the input lay inside the bounds, as `torch.clamp` does.
@@ -148,9 +148,9 @@ class _NativeExperts(torch.autograd.Function):
     """The same loop in C++ (moeforge/ops/csrc/moe_cpu.cpp, loaded by moeforge.ops.native)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, tok, counts, weights, limit):  # type: ignore[override]
-        out, gu = native.ops().experts_fwd(x, w1, w2, tok, counts, weights, limit)
-        ctx.limit = limit
+    def forward(ctx, x, w1, w2, tok, counts, weights, limit, step):  # type: ignore[override]
+        out, gu = native.ops().experts_fwd(x, w1, w2, tok, counts, weights, limit, step)
+        ctx.limit, ctx.step = limit, step
         ctx.save_for_backward(x, w1, w2, tok, counts, weights, gu)
         return out
 
@@ -159,17 +159,24 @@ class _NativeExperts(torch.autograd.Function):
         x, w1, w2, tok, counts, weights, gu = ctx.saved_tensors
         need = ctx.needs_input_grad
         wanted = (need[0], need[1], need[2], need[5])
-        grads = native.ops().experts_bwd(gout.contiguous(), x, w1, w2, tok, counts, weights, gu, ctx.limit, *wanted)
+        grads = native.ops().experts_bwd(gout.float().contiguous(), x, w1, w2, tok, counts, weights, gu, ctx.limit,
+                                         ctx.step, *wanted)
         gx, gw1, gw2, gwt = (g if n else None for g, n in zip(grads, wanted))
-        return gx, gw1, gw2, None, None, gwt, None
+        return gx, gw1, gw2, None, None, gwt, None, None
 
 
 def takes_native(x: torch.Tensor, w1: torch.Tensor, acc: torch.dtype) -> bool:
-    """Run the routed experts with the native kernel? fp32 CPU tensors whose products run on ATen's mm
-    (not oneDNN: moeforge.ops.onednn), outside autocast and compiled graphs, where it could be built."""
-    return (x.device.type == "cpu" and x.dtype == w1.dtype == acc == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and row_bucket(x) == 1 and native.ops() is not None)
+    """Run the routed experts with the native kernel? CPU tensors outside compiled graphs, summed in fp32, where it
+    could be built: fp32 where the products run on ATen's mm (not oneDNN: moeforge.ops.onednn) outside autocast,
+    and bf16 (autocast's dtype on CPUs with bf16 units; products on oneDNN, segments padded to the row bucket as
+    in the Python loop)."""
+    if x.device.type != "cpu" or x.dtype != w1.dtype or acc != torch.float32 or torch.compiler.is_compiling():
+        return False
+    if x.dtype == torch.float32:
+        ok = not torch.is_autocast_enabled("cpu") and row_bucket(x) == 1
+    else:
+        ok = x.dtype == torch.bfloat16
+    return ok and native.ops() is not None
 
 
 def routed_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor,
@@ -186,5 +193,5 @@ def routed_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tok: torc
         x = x.to(w1.dtype)
     if takes_native(x, w1, acc):
         return _NativeExperts.apply(x.contiguous(), w1.contiguous(), w2.contiguous(), tok.contiguous(), counts.cpu(),
-                                    weights.float().contiguous(), float(limit))
+                                    weights.float().contiguous(), float(limit), row_bucket(x))
     return _RoutedSwiGLU.apply(x, w1, w2, tok, counts, weights, limit, acc)

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <exception>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GLIBC__)
@@ -34,19 +35,40 @@ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 inline float clamp_gate(float g, float limit) { return limit > 0 ? std::min(g, limit) : g; }
 inline float clamp_up(float u, float limit) { return limit > 0 ? std::min(std::max(u, -limit), limit) : u; }
 
-void check(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
-              "moeforge native experts: ", name, " must be a contiguous fp32 CPU tensor of ", dim, " dimensions");
+void check(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.dim() == dim,
+              "moeforge native experts: ", name, " must be a contiguous ", c10::toString(dtype), " CPU tensor of ",
+              dim, " dimensions");
 }
 
-// rows[r] = src[idx[r]] for r < n, rows of width d
-void gather(const float* src, const int64_t* idx, int64_t n, int64_t d, float* rows) {
-  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) std::memcpy(rows + r * d, src + idx[r] * d, d * sizeof(float));
+// Values in the products' dtype T (float or bfloat16) are read as float and written back rounded: every
+// elementwise step runs in fp32.
+inline float f32(float v) { return v; }
+inline float f32(at::BFloat16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T as(float v) {
+  return static_cast<T>(v);
+}
+
+// rows[r] = src[idx[r]] for r < n (converted to T), rows n..p-1 zero (the padding rows of a bucketed product)
+template <typename S, typename T>
+void gather(const S* src, const int64_t* idx, int64_t n, int64_t p, int64_t d, T* rows) {
+  at::parallel_for(0, p, GRAIN, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* o = rows + r * d;
+      if (r >= n) {
+        std::fill(o, o + d, as<T>(0.f));
+      } else if constexpr (std::is_same_v<S, T>) {
+        std::memcpy(o, src + idx[r] * d, d * sizeof(T));
+      } else {
+        const S* in = src + idx[r] * d;
+        for (int64_t j = 0; j < d; ++j) o[j] = as<T>(f32(in[j]));
+      }
+    }
   });
 }
 
-// An (N, D) sum that starts empty: a row's first contribution is copied, later ones added, so nothing is
+// An (N, D) fp32 sum that starts empty: a row's first contribution is copied, later ones added, so nothing is
 // zero-filled first (x + 0 == x: the sums are the same as from zeros). touched[t]: row t holds a value.
 struct Acc {
   at::Tensor t;
@@ -54,43 +76,49 @@ struct Acc {
   Acc(int64_t n, int64_t d, const at::TensorOptions& o) : t(at::empty({n, d}, o)), touched(n, 0) {}
 };
 
-// acc[idx[r]] += rows[r]; one expert's idx are distinct (a token picks an expert once), so rows split freely
-void scatter_add(const float* rows, const int64_t* idx, int64_t n, int64_t d, Acc& acc) {
+// acc[idx[r]] += rows[r] (in fp32); one expert's idx are distinct (a token picks an expert once), so rows split
+// freely
+template <typename T>
+void scatter_add(const T* rows, const int64_t* idx, int64_t n, int64_t d, Acc& acc) {
   float* dst = acc.t.data_ptr<float>();
   uint8_t* touched = acc.touched.data();
   at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       float* o = dst + idx[r] * d;
-      const float* y = rows + r * d;
+      const T* y = rows + r * d;
       if (!touched[idx[r]]) {
-        std::memcpy(o, y, d * sizeof(float));
         touched[idx[r]] = 1;
+        if constexpr (std::is_same_v<T, float>) {
+          std::memcpy(o, y, d * sizeof(float));
+        } else {
+          for (int64_t j = 0; j < d; ++j) o[j] = f32(y[j]);
+        }
         continue;
       }
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) o[j] += y[j];
+      for (int64_t j = 0; j < d; ++j) o[j] += f32(y[j]);
     }
   });
 }
 
 // One expert's work: its rows, weights and gate weights.
 struct Expert {
-  const int64_t* idx;  // token of each row
-  int64_t n;           // rows
-  at::Tensor w1, w2;   // (2I, D) gate|up, (D, I) down
-  const float* w;      // gate weight of each row
-  float* gup;          // (n, 2I) gate|up pre-activations, written forward, read backward
+  const int64_t* idx;   // token of each row
+  int64_t n, p;         // rows, and rows as multiplied (n rounded up to the row bucket; the rest zero)
+  at::Tensor w1, w2;    // (2I, D) gate|up, (D, I) down, in the products' dtype
+  const float* w;       // gate weight of each row
+  void* gup;            // (p, 2I) gate|up pre-activations in the products' dtype, written forward, read backward
   at::Tensor gw1, gw2;  // their gradients (backward; undefined: not wanted)
   float* gw;            // gate weights' gradient (backward; null: not wanted)
 };
 
-// Work buffers for up to `rows` rows of an expert of width I.
+// Work buffers for up to `rows` rows of an expert of width I: products' dtype, fp32 for the kept sigmoid.
 struct Buffers {
   at::Tensor x, h, y, aw, sg, gh, grad;
   Buffers(int64_t rows, int64_t D, int64_t I, const at::TensorOptions& o, bool backward) {
     x = at::empty({rows, D}, o), y = at::empty({rows, D}, o);
     if (backward) {
-      aw = at::empty({rows, I}, o), sg = at::empty({rows, I}, o);
+      aw = at::empty({rows, I}, o), sg = at::empty({rows, I}, o.dtype(at::kFloat));
       gh = at::empty({rows, I}, o), grad = at::empty({rows, 2 * I}, o);
     } else {
       h = at::empty({rows, I}, o);
@@ -100,55 +128,60 @@ struct Buffers {
 
 // out += w * down(silu(gate) * up) of the expert's rows, summed into their tokens' rows; the gate|up
 // pre-activations are kept in ex.gup for the backward pass.
+template <typename T>
 void forward_expert(const at::Tensor& x, const Expert& ex, float limit, Acc& out, Buffers& buf) {
-  const int64_t n = ex.n, D = x.size(1), I = ex.w1.size(0) / 2;
-  auto rows = buf.x.narrow(0, 0, n);
-  gather(x.data_ptr<float>(), ex.idx, n, D, rows.data_ptr<float>());
-  auto gu = at::from_blob(ex.gup, {n, 2 * I}, x.options());
+  const int64_t n = ex.n, p = ex.p, D = x.size(1), I = ex.w1.size(0) / 2;
+  auto rows = buf.x.narrow(0, 0, p);
+  gather(x.data_ptr<T>(), ex.idx, n, p, D, rows.data_ptr<T>());
+  T* gup = static_cast<T*>(ex.gup);
+  auto gu = at::from_blob(gup, {p, 2 * I}, x.options());
   at::mm_out(gu, rows, ex.w1.t());
-  auto h = buf.h.narrow(0, 0, n);
-  float* hp = h.data_ptr<float>();
-  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+  auto h = buf.h.narrow(0, 0, p);
+  T* hp = h.data_ptr<T>();
+  at::parallel_for(0, p, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const float* g = ex.gup + r * 2 * I;
-      const float* u = g + I;
-      float* o = hp + r * I;
-      const float wr = ex.w[r];
+      const T* g = gup + r * 2 * I;
+      const T* u = g + I;
+      T* o = hp + r * I;
+      const float wr = r < n ? ex.w[r] : 0.f;
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
-        const float gg = clamp_gate(g[j], limit);
-        o[j] = gg * sigmoid(gg) * clamp_up(u[j], limit) * wr;
+        const float gg = clamp_gate(f32(g[j]), limit);
+        o[j] = as<T>(gg * sigmoid(gg) * clamp_up(f32(u[j]), limit) * wr);
       }
     }
   });
-  auto y = buf.y.narrow(0, 0, n);
+  auto y = buf.y.narrow(0, 0, p);
   at::mm_out(y, h, ex.w2.t());
-  scatter_add(y.data_ptr<float>(), ex.idx, n, D, out);
+  scatter_add(y.data_ptr<T>(), ex.idx, n, D, out);
 }
 
-// The expert's gradients given gout (N, D): ex.gw1, ex.gw2, ex.gw where wanted, and its input gradient summed into
-// gx (null: not wanted).
+// The expert's gradients given gout (N, D) fp32: ex.gw1, ex.gw2, ex.gw where wanted, and its input gradient
+// summed into gx (null: not wanted).
+template <typename T>
 void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& ex, float limit, Acc* gx,
                      Buffers& buf) {
-  const int64_t n = ex.n, D = x.size(1), I = ex.w1.size(0) / 2, I2 = 2 * I;
-  const float* gup = ex.gup;
-  auto gy = buf.y.narrow(0, 0, n);
-  gather(gout.data_ptr<float>(), ex.idx, n, D, gy.data_ptr<float>());
-  auto aw = buf.aw.narrow(0, 0, n), sg = buf.sg.narrow(0, 0, n);
-  float *awp = aw.data_ptr<float>(), *sgp = sg.data_ptr<float>();
+  const int64_t n = ex.n, p = ex.p, D = x.size(1), I = ex.w1.size(0) / 2, I2 = 2 * I;
+  const T* gup = static_cast<const T*>(ex.gup);
+  auto gy = buf.y.narrow(0, 0, p);
+  gather(gout.data_ptr<float>(), ex.idx, n, p, D, gy.data_ptr<T>());
+  auto aw = buf.aw.narrow(0, 0, p), sg = buf.sg.narrow(0, 0, p);
+  T* awp = aw.data_ptr<T>();
+  float* sgp = sg.data_ptr<float>();
   // aw = silu(g) * u * w (the weighted activation), sg = sigmoid(g)
-  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const float* g = gup + r * I2;
-      const float* u = g + I;
-      const float wr = ex.w[r];
-      float *awr = awp + r * I, *sgr = sgp + r * I;
+      const T* g = gup + r * I2;
+      const T* u = g + I;
+      const float wr = r < n ? ex.w[r] : 0.f;
+      T* awr = awp + r * I;
+      float* sgr = sgp + r * I;
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
-        const float gg = clamp_gate(g[j], limit);
+        const float gg = clamp_gate(f32(g[j]), limit);
         const float s = sigmoid(gg);
         sgr[j] = s;
-        awr[j] = gg * s * clamp_up(u[j], limit) * wr;
+        awr[j] = as<T>(gg * s * clamp_up(f32(u[j]), limit) * wr);
       }
     }
   });
@@ -157,47 +190,48 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
     at::mm_out(o, gy.t(), aw);
   }
   if (!(gx || ex.gw1.defined() || ex.gw)) return;
-  auto gh = buf.gh.narrow(0, 0, n), grad = buf.grad.narrow(0, 0, n);
-  at::mm_out(gh, gy, ex.w2);  // gradient of the weighted activation (n, I)
-  const float* ghp = gh.data_ptr<float>();
-  float* gp = grad.data_ptr<float>();
-  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+  auto gh = buf.gh.narrow(0, 0, p), grad = buf.grad.narrow(0, 0, p);
+  at::mm_out(gh, gy, ex.w2);  // gradient of the weighted activation (p, I); zero on the padding rows
+  const T* ghp = gh.data_ptr<T>();
+  T* gp = grad.data_ptr<T>();
+  at::parallel_for(0, p, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const float* g = gup + r * I2;
-      const float* u = g + I;
-      const float *ghr = ghp + r * I, *sgr = sgp + r * I;
-      float* dg_out = gp + r * I2;
-      float* du_out = dg_out + I;
-      const float wr = ex.w[r];
+      const T* g = gup + r * I2;
+      const T* u = g + I;
+      const T* ghr = ghp + r * I;
+      const float* sgr = sgp + r * I;
+      T* dg_out = gp + r * I2;
+      T* du_out = dg_out + I;
+      const float wr = r < n ? ex.w[r] : 0.f;
       float dot = 0.f;  // the gate weight's gradient: gh . (silu(g) * u)
 #pragma omp simd reduction(+ : dot)
       for (int64_t j = 0; j < I; ++j) {
-        const float graw = g[j], uraw = u[j];
+        const float graw = f32(g[j]), uraw = f32(u[j]), ghj = f32(ghr[j]);
         const float gg = clamp_gate(graw, limit), uu = clamp_up(uraw, limit), s = sgr[j];
-        dot += ghr[j] * (gg * s * uu);
-        const float d = ghr[j] * wr;
+        dot += ghj * (gg * s * uu);
+        const float d = ghj * wr;
         float dg = d * uu * s * (1.0f + gg * (1.0f - s));
         float du = d * gg * s;
         if (limit > 0) {  // clamp passes the gradient only where the input was inside the bounds
           dg = graw <= limit ? dg : 0.0f;
           du = (uraw >= -limit && uraw <= limit) ? du : 0.0f;
         }
-        dg_out[j] = dg;
-        du_out[j] = du;
+        dg_out[j] = as<T>(dg);
+        du_out[j] = as<T>(du);
       }
-      if (ex.gw) ex.gw[r] = dot;
+      if (ex.gw && r < n) ex.gw[r] = dot;
     }
   });
   if (ex.gw1.defined()) {
-    auto rows = buf.x.narrow(0, 0, n);
-    gather(x.data_ptr<float>(), ex.idx, n, D, rows.data_ptr<float>());
+    auto rows = buf.x.narrow(0, 0, p);
+    gather(x.data_ptr<T>(), ex.idx, n, p, D, rows.data_ptr<T>());
     auto o = ex.gw1;
     at::mm_out(o, grad.t(), rows);
   }
   if (gx) {
-    auto gxr = buf.y.narrow(0, 0, n);  // the gathered output gradient is no longer needed
+    auto gxr = buf.y.narrow(0, 0, p);  // the gathered output gradient is no longer needed
     at::mm_out(gxr, grad, ex.w1);
-    scatter_add(gxr.data_ptr<float>(), ex.idx, n, D, *gx);
+    scatter_add(gxr.data_ptr<T>(), ex.idx, n, D, *gx);
   }
 }
 
@@ -208,7 +242,7 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
 std::vector<std::vector<int64_t>> plan_lanes(const std::vector<Expert>& ex, int64_t lanes) {
   std::vector<int64_t> order(ex.size()), load(lanes, 0);
   std::iota(order.begin(), order.end(), 0);
-  auto work = [&](int64_t i) { return ex[i].n * ex[i].w1.size(0); };
+  auto work = [&](int64_t i) { return ex[i].p * ex[i].w1.size(0); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work(a) > work(b); });
   std::vector<std::vector<int64_t>> plan(lanes);
   for (int64_t i : order) {
@@ -220,11 +254,11 @@ std::vector<std::vector<int64_t>> plan_lanes(const std::vector<Expert>& ex, int6
 }
 
 // Threads to run the experts on side by side: all of them, when there are at least two experts per thread and
-// the extra accumulators (lanes - 1 of (N, D)) take no more memory than the gate|up activations kept anyway.
-int64_t lane_count(const std::vector<Expert>& ex, int64_t N, int64_t D, int64_t M, int64_t I) {
+// the extra fp32 accumulators (lanes - 1 of (N, D)) take no more memory than the gate|up activations kept anyway.
+int64_t lane_count(const std::vector<Expert>& ex, int64_t N, int64_t D, int64_t gu_bytes) {
   const int64_t threads = at::get_num_threads();
   if (threads < 2 || static_cast<int64_t>(ex.size()) < 2 * threads) return 1;
-  return (threads - 1) * N * D <= M * 2 * I ? threads : 1;
+  return (threads - 1) * N * D * 4 <= gu_bytes ? threads : 1;
 }
 
 // body(expert, buffers, lane) for every expert: in order on one lane (each product and pass on all threads), or
@@ -281,20 +315,25 @@ at::Tensor sum_lanes(std::vector<Acc>& acc) {
   return out.t;
 }
 
+inline int64_t padded(int64_t n, int64_t step) { return (n + step - 1) / step * step; }
+
 struct Shapes {
-  int64_t N, D, E, I, M, big;
+  int64_t N, D, E, I, M, big, Mp;  // Mp: rows of the saved gate|up activations, each segment padded to the bucket
 };
 
 Shapes check_all(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& tok,
-                 const at::Tensor& counts, const at::Tensor& w) {
-  check(x, "x", 2);
-  check(w1, "w1", 3);
-  check(w2, "w2", 3);
+                 const at::Tensor& counts, const at::Tensor& w, int64_t step) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "moeforge native experts: x must be fp32 or bf16");
+  TORCH_CHECK(step >= 1, "moeforge native experts: the row bucket must be >= 1");
+  check(x, "x", 2, dt);
+  check(w1, "w1", 3, dt);
+  check(w2, "w2", 3, dt);
   check(w, "w", 1);
   TORCH_CHECK(tok.scalar_type() == at::kLong && counts.scalar_type() == at::kLong && tok.is_contiguous() &&
                   counts.is_contiguous() && tok.device().is_cpu() && counts.device().is_cpu(),
               "moeforge native experts: tok and counts must be contiguous int64 CPU tensors");
-  Shapes s{x.size(0), x.size(1), w1.size(0), w1.size(1) / 2, tok.size(0), 0};
+  Shapes s{x.size(0), x.size(1), w1.size(0), w1.size(1) / 2, tok.size(0), 0, 0};
   TORCH_CHECK(w1.size(1) % 2 == 0 && w1.size(2) == s.D && w2.size(0) == s.E && w2.size(1) == s.D &&
                   w2.size(2) == s.I && w.size(0) == s.M && counts.size(0) == s.E,
               "moeforge native experts: mismatched shapes");
@@ -302,7 +341,8 @@ Shapes check_all(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2
   int64_t total = 0;
   for (int64_t e = 0; e < s.E; ++e) {
     TORCH_CHECK(cnt[e] >= 0, "moeforge native experts: negative count");
-    s.big = std::max(s.big, cnt[e]);
+    s.big = std::max(s.big, padded(cnt[e], step));
+    s.Mp += padded(cnt[e], step);
     total += cnt[e];
   }
   TORCH_CHECK(total == s.M, "moeforge native experts: counts must sum to the number of pairs");
@@ -313,60 +353,64 @@ Shapes check_all(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2
 
 // The work list: every expert with rows. Gradient fields stay unset.
 std::vector<Expert> experts_of(const Shapes& s, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& tok,
-                               const at::Tensor& counts, const at::Tensor& w, const at::Tensor& gu) {
+                               const at::Tensor& counts, const at::Tensor& w, const at::Tensor& gu, int64_t step) {
   std::vector<Expert> ex;
   const auto* cnt = counts.data_ptr<int64_t>();
-  for (int64_t e = 0, start = 0; e < s.E; start += cnt[e], ++e) {
+  char* gup = static_cast<char*>(gu.data_ptr());
+  const int64_t row_bytes = 2 * s.I * gu.element_size();
+  for (int64_t e = 0, start = 0, pstart = 0; e < s.E; start += cnt[e], pstart += padded(cnt[e], step), ++e) {
     if (cnt[e] == 0) continue;
-    ex.push_back({tok.data_ptr<int64_t>() + start, cnt[e], w1[e], w2[e], w.data_ptr<float>() + start,
-                  gu.data_ptr<float>() + start * 2 * s.I, {}, {}, nullptr});
+    ex.push_back({tok.data_ptr<int64_t>() + start, cnt[e], padded(cnt[e], step), w1[e], w2[e],
+                  w.data_ptr<float>() + start, gup + pstart * row_bytes, {}, {}, nullptr});
   }
   return ex;
 }
 
 static int64_t g_lanes = 0;  // <= 0: lane_count decides; set_lanes(n) forces n (benchmarks, tests)
 
-int64_t lanes_for(const std::vector<Expert>& ex, const Shapes& s) {
-  return g_lanes > 0 ? g_lanes : lane_count(ex, s.N, s.D, s.M, s.I);
+int64_t lanes_for(const std::vector<Expert>& ex, const Shapes& s, const at::Tensor& gu) {
+  return g_lanes > 0 ? g_lanes : lane_count(ex, s.N, s.D, gu.numel() * gu.element_size());
 }
 
 }  // namespace
 
-// See moeforge/ops/native.py. Returns [out (N, D), gu (M, 2I)].
+// See moeforge/ops/native.py. Returns [out (N, D) fp32, gu (Mp, 2I) in x's dtype].
 std::vector<at::Tensor> experts_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                                     const at::Tensor& tok, const at::Tensor& counts, const at::Tensor& w,
-                                    double limit) {
-  const Shapes s = check_all(x, w1, w2, tok, counts, w);
+                                    double limit, int64_t step) {
+  const Shapes s = check_all(x, w1, w2, tok, counts, w, step);
   const auto o = x.options();
-  auto gu = at::empty({s.M, 2 * s.I}, o);
-  const auto ex = experts_of(s, w1, w2, tok, counts, w, gu);
-  const int64_t lanes = lanes_for(ex, s);
+  auto gu = at::empty({s.Mp, 2 * s.I}, o);
+  const auto ex = experts_of(s, w1, w2, tok, counts, w, gu, step);
+  const int64_t lanes = lanes_for(ex, s, gu);
   std::vector<Acc> acc;
-  for (int64_t l = 0; l < lanes; ++l) acc.emplace_back(s.N, s.D, o);
+  for (int64_t l = 0; l < lanes; ++l) acc.emplace_back(s.N, s.D, o.dtype(at::kFloat));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   run_experts(ex, lanes, [&] { return Buffers(s.big, s.D, s.I, o, false); },
               [&](const Expert& e, Buffers& buf, int64_t l) {
-                forward_expert(x, e, static_cast<float>(limit), acc[l], buf);
+                if (bf16) return forward_expert<at::BFloat16>(x, e, static_cast<float>(limit), acc[l], buf);
+                forward_expert<float>(x, e, static_cast<float>(limit), acc[l], buf);
               });
   return {sum_lanes(acc), gu};
 }
 
-// Gradients of experts_fwd's out given gout: [gx, gw1, gw2, gw (M,)]; one not asked for (need_* false) comes back
-// as a tensor of no elements.
+// Gradients of experts_fwd's out given gout (fp32): [gx (x's dtype), gw1, gw2, gw (M,) fp32]; one not asked for
+// (need_* false) comes back as a tensor of no elements.
 std::vector<at::Tensor> experts_bwd(const at::Tensor& gout, const at::Tensor& x, const at::Tensor& w1,
                                     const at::Tensor& w2, const at::Tensor& tok, const at::Tensor& counts,
-                                    const at::Tensor& w, const at::Tensor& gu, double limit, bool need_x, bool need_w1,
-                                    bool need_w2, bool need_w) {
-  const Shapes s = check_all(x, w1, w2, tok, counts, w);
+                                    const at::Tensor& w, const at::Tensor& gu, double limit, int64_t step, bool need_x,
+                                    bool need_w1, bool need_w2, bool need_w) {
+  const Shapes s = check_all(x, w1, w2, tok, counts, w, step);
   check(gout, "gout", 2);
-  check(gu, "gu", 2);
-  TORCH_CHECK(gout.size(0) == s.N && gout.size(1) == s.D && gu.size(0) == s.M && gu.size(1) == 2 * s.I,
+  check(gu, "gu", 2, x.scalar_type());
+  TORCH_CHECK(gout.size(0) == s.N && gout.size(1) == s.D && gu.size(0) == s.Mp && gu.size(1) == 2 * s.I,
               "moeforge native experts: mismatched gradient or saved shapes");
   const auto o = x.options();
   const auto none = at::empty({0}, o);
   at::Tensor gw1 = need_w1 ? at::empty_like(w1) : at::Tensor(), gw2 = need_w2 ? at::empty_like(w2) : at::Tensor();
-  at::Tensor gw = need_w ? at::empty({s.M}, o) : at::Tensor();
+  at::Tensor gw = need_w ? at::empty({s.M}, o.dtype(at::kFloat)) : at::Tensor();
   if (!(need_x || need_w1 || need_w2 || need_w)) return {none, none, none, none};
-  auto ex = experts_of(s, w1, w2, tok, counts, w, gu);
+  auto ex = experts_of(s, w1, w2, tok, counts, w, gu, step);
   const auto* cnt = counts.data_ptr<int64_t>();
   for (int64_t e = 0, start = 0, k = 0; e < s.E; start += cnt[e], ++e) {
     if (cnt[e] == 0) {  // an expert that saw no token gets a zero gradient
@@ -379,15 +423,18 @@ std::vector<at::Tensor> experts_bwd(const at::Tensor& gout, const at::Tensor& x,
     if (need_w) ex[k].gw = gw.data_ptr<float>() + start;
     ++k;
   }
-  const int64_t lanes = lanes_for(ex, s);
+  const int64_t lanes = lanes_for(ex, s, gu);
   std::vector<Acc> acc;
-  for (int64_t l = 0; need_x && l < lanes; ++l) acc.emplace_back(s.N, s.D, o);
+  for (int64_t l = 0; need_x && l < lanes; ++l) acc.emplace_back(s.N, s.D, o.dtype(at::kFloat));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   run_experts(ex, lanes, [&] { return Buffers(s.big, s.D, s.I, o, true); },
               [&](const Expert& e, Buffers& buf, int64_t l) {
-                backward_expert(gout, x, e, static_cast<float>(limit), need_x ? &acc[l] : nullptr, buf);
+                Acc* gx = need_x ? &acc[l] : nullptr;
+                if (bf16) return backward_expert<at::BFloat16>(gout, x, e, static_cast<float>(limit), gx, buf);
+                backward_expert<float>(gout, x, e, static_cast<float>(limit), gx, buf);
               });
   auto or_none = [&](const at::Tensor& v) { return v.defined() ? v : none; };
-  return {need_x ? sum_lanes(acc) : none, or_none(gw1), or_none(gw2), or_none(gw)};
+  return {need_x ? sum_lanes(acc).to(x.scalar_type()) : none, or_none(gw1), or_none(gw2), or_none(gw)};
 }
 
 // Router selection: the top-k experts of each row of choice (N, E) fp32 (scores plus the selection bias), as
@@ -483,11 +530,13 @@ std::vector<at::Tensor> sort_pairs(const at::Tensor& indices, int64_t E) {
 void set_lanes(int64_t n) { g_lanes = n; }
 
 TORCH_LIBRARY(moeforge_native, m) {
-  m.def("experts_fwd(Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, float limit) -> Tensor[]",
-        &experts_fwd);
+  m.def(
+      "experts_fwd(Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, float limit, int step) -> "
+      "Tensor[]",
+      &experts_fwd);
   m.def(
       "experts_bwd(Tensor gout, Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, Tensor gu, "
-      "float limit, bool need_x, bool need_w1, bool need_w2, bool need_w) -> Tensor[]",
+      "float limit, int step, bool need_x, bool need_w1, bool need_w2, bool need_w) -> Tensor[]",
       &experts_bwd);
   m.def("set_lanes(int n) -> ()", &set_lanes);
   m.def("sort_pairs(Tensor indices, int E) -> Tensor[]", &sort_pairs);
