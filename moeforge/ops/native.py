@@ -1,10 +1,14 @@
 """moeforge's native CPU kernels (moeforge/ops/csrc), compiled on first use for this machine.
 
-Today one kernel: the MoE block's routed experts, forward and backward, for fp32 CPU tensors (`experts_fwd` /
+The MoE block's routed experts, forward and backward, for fp32 and bf16 CPU tensors (`experts_fwd` /
 `experts_bwd`, taken by moeforge.ops.routed.routed_swiglu in training). It runs the same per-expert loop as
 the Python one, with each segment's gather, SwiGLU, gate weighting and scatter-add written as one pass over
 rows still in cache, the sigmoid kept from the first backward pass for the second, and no Python or
-dispatcher work between the products, which stay ATen's `mm`.
+dispatcher work between the products, which stay ATen's `mm` (MKL in fp32, oneDNN in bf16: there each
+segment is multiplied as `step` rows, its count rounded up to the row bucket with zero rows, as the Python
+loop does for oneDNN's kernel cache). Every elementwise step runs in fp32 (the Python loop rounds to bf16
+after each); the output and the input gradient are summed in fp32. Also the router's group-limited top-k
+(`select_experts`) and the sort of token-expert pairs (`sort_pairs`), used by moeforge.model.moe on CPU.
 
 With T > 1 threads and at least 2T experts with rows, the experts run side by side ("lanes"): each thread
 takes whole experts, its products single-threaded (no fork/join per product or per pass, and a product of
@@ -17,11 +21,12 @@ expert after another with each product on all threads. `set_lanes(n)` forces n l
 for tests and benchmarks. Results equal the Python loop's up to fp32 rounding (the exp, the summation
 order; tested). Figures: docs/benchmarks.md.
 
-Shapes: N tokens, D hidden, E experts of width I, M = sum(counts) sorted token-expert pairs.
-experts_fwd(x (N, D), w1 (E, 2I, D), w2 (E, D, I), tok (M,) int64, counts (E,) int64, w (M,) gate weights,
-limit) -> [out (N, D), gu (M, 2I)]; experts_bwd(gout, x, w1, w2, tok, counts, w, gu, limit, need_x, need_w1,
-need_w2, need_w) -> [gx, gw1, gw2, gw], of no elements where not needed. Bad shapes, counts or token ids
-raise RuntimeError before any pointer is followed.
+Shapes: N tokens, D hidden, E experts of width I, M = sum(counts) sorted token-expert pairs, Mp the same
+with each expert's count rounded up to `step`. experts_fwd(x (N, D), w1 (E, 2I, D), w2 (E, D, I) in x's
+dtype, tok (M,) int64, counts (E,) int64, w (M,) fp32 gate weights, limit, step) -> [out (N, D) fp32,
+gu (Mp, 2I)]; experts_bwd(gout (N, D) fp32, x, w1, w2, tok, counts, w, gu, limit, step, need_x, need_w1,
+need_w2, need_w) -> [gx (x's dtype), gw1, gw2, gw (M,) fp32], of no elements where not needed. Bad dtypes,
+shapes, counts or token ids raise RuntimeError before any pointer is followed.
 
 The build uses torch.utils.cpp_extension (a C++ compiler and ninja; ~10-20 s once) into
 ~/.cache/moeforge/native-<key> (or $XDG_CACHE_HOME), the key covering the source and its path, torch's and
