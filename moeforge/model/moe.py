@@ -75,7 +75,7 @@ class Router(nn.Module):
     def _select(self, choice: torch.Tensor) -> torch.Tensor:
         """The chosen experts (N, K) of the biased scores choice (N, E): group-limited where configured. On CPU
         the native kernel does it in one pass per row (moeforge.ops.native; torch.topk is slow on short CPU rows:
-        benchmarks/moe_layer.py's router forward 4.0 -> 1.6 ms); the same choice, ties to the lower expert."""
+        benchmarks/moe_layer.py's router forward 4.0 -> 2.5 ms); the same choice, ties to the lower expert."""
         cfg = self.cfg
         grouped = cfg.topk_method != "greedy" and cfg.n_group > 1
         fill = float("-inf") if cfg.topk_method == "noaux_tc" else 0.0  # V2 zeroes the dropped groups' scores
@@ -262,7 +262,7 @@ class MoE(nn.Module):
         """Routed experts for tokens flat (N, D): sort pairs by expert, run each segment, combine."""
         E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         lib = native.ops() if flat.device.type == "cpu" else None
-        if lib is not None:  # a counting sort: the same order as the stable argsort, ~10x faster on CPU
+        if lib is not None:  # a counting sort: the stable argsort's order, 0.83 -> 0.02 ms here
             order, counts = lib.sort_pairs(r.indices.contiguous(), E)
         else:
             expert_of_pair = r.indices.flatten()  # (N*K,)

@@ -32,7 +32,7 @@ The build uses torch.utils.cpp_extension (a C++ compiler and ninja; ~10-20 s onc
 ~/.cache/moeforge/native-<key> (or $XDG_CACHE_HOME), the key covering the source and its path, torch's and
 Python's versions and the CPU (it is compiled with -march=native); a build lock left by a killed build is
 cleared after STALE_LOCK_S. `ops()` returns the loaded op namespace, or None when the
-kernels cannot be had here (no compiler, a failed build, not Linux/macOS on x86-64 or arm64, or
+kernels cannot be had here (no compiler, a failed build, neither Linux nor macOS, or
 MOEFORGE_NATIVE=0); callers then take the Python path, which computes the same thing. `STATE` says
 which, and `moeforge doctor` shows it.
 """
