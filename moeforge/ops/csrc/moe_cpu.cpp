@@ -1,12 +1,11 @@
-// The MoE block on CPU: the router's expert selection, and the routed experts' forward and backward for
-// fp32 tensors.
+// The MoE block on CPU: the router's expert selection, the sort of token-expert pairs, and the routed
+// experts' forward and backward for fp32 and bf16 tensors.
 //
-// Experts: the per-expert loop of
-// moeforge/ops/routed.py (_RoutedSwiGLU) with each segment's gather, SwiGLU, gate weighting and
-// scatter-add written as one pass over rows that are still in cache, no Python or dispatcher work
-// between the products (ATen's mm: MKL on x86), and the experts run side by side on the threads
-// ("lanes") where that fits. Built on first use by moeforge/ops/native.py, which documents shapes
-// and semantics.
+// Experts: the per-expert loop of moeforge/ops/routed.py (_RoutedSwiGLU) with each segment's gather,
+// SwiGLU, gate weighting and scatter-add written as one pass over rows that are still in cache (every
+// elementwise step in fp32), no Python or dispatcher work between the products (ATen's mm: MKL for fp32,
+// oneDNN for bf16 on bucket-padded segments), and the experts run side by side on the threads ("lanes")
+// where that fits. Built on first use by moeforge/ops/native.py, which documents shapes and semantics.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
