@@ -176,7 +176,8 @@ def main() -> None:
     # as the CLI does (MOEFORGE_KEEP_FREED_MEMORY=0, THP_MEM_ALLOC_ENABLE=0 measure without); all candidates alike
     print(json.dumps({"host_memory": tune_host_memory()}))
     torch.set_num_threads(args.threads)
-    print(json.dumps({"native_cpu_kernels": (native.ops(), native.STATE)[1]}))  # built on first use
+    native.ops()  # built on first use
+    print(json.dumps({"native_cpu_kernels": native.STATE}))
     torch.manual_seed(0)
 
     cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=args.shared, num_experts_per_tok=args.top_k,
