@@ -228,12 +228,13 @@ def test_balance_loss_definition():
 
 
 @pytest.mark.parametrize(("method", "E", "G", "TG", "K"), [
-    ("noaux_tc", 64, 8, 4, 6), ("noaux_tc", 256, 8, 4, 8), ("noaux_tc", 384, 1, 1, 8),
-    ("group_limited_greedy", 160, 8, 3, 6), ("greedy", 64, 1, 1, 6)])
+    ("noaux_tc", 64, 8, 4, 6), ("noaux_tc", 256, 8, 4, 8), ("noaux_tc", 384, 1, 1, 8), ("noaux_tc", 72, 8, 3, 6),
+    ("group_limited_greedy", 160, 8, 3, 6), ("greedy", 64, 1, 1, 6), ("greedy", 21, 1, 1, 4)])
 def test_native_router_selection_equals_torch(monkeypatch, method, E, G, TG, K):
     """On CPU the router picks experts with the native kernel: the same experts in the same order (by value,
     descending) as the torch.topk path, for V3 (group score = sum of top-2, dropped groups -inf), V2 (max, 0)
-    and ungrouped configs; ties go to the lower expert."""
+    and ungrouped configs, expert counts off the kernel's vector width included; ties go to the lower expert;
+    NaN counts as -inf."""
     from moeforge.ops import native
 
     if native.ops() is None:
@@ -254,6 +255,11 @@ def test_native_router_selection_equals_torch(monkeypatch, method, E, G, TG, K):
         assert torch.equal(router._select(ties), expected)
     else:  # groups tie too: the lower groups of the upper half win
         assert torch.equal(router._select(ties).sort(-1).values, expected.sort(-1).values)
+    nan = choice[:8].clone()
+    nan[:, 1::3] = float("nan")
+    got = router._select(nan)
+    monkeypatch.setattr(native, "ops", lambda: None)
+    assert torch.equal(got, router._select(nan.nan_to_num(nan=float("-inf"))))
 
 
 def test_native_pair_sort_equals_stable_argsort():

@@ -20,6 +20,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GLIBC__)
 // glibc's vector expf (libmvec): lets the `omp simd` loops below vectorise exp without -ffast-math
 extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
@@ -458,65 +462,94 @@ std::vector<at::Tensor> experts_bwd(const at::Tensor& gout, const at::Tensor& x,
 // moeforge.model.moe.Router computes it with torch ops: with n_group > 1, each group of E / n_group experts is
 // scored by the sum of its top-2 (sum_top2, DeepSeek-V3's noaux_tc) or by its maximum (V2), the best topk_group
 // groups are kept and every other expert's value becomes `fill` (-inf for V3, 0 for V2); then the k largest
-// values. Indices come out by descending value, ties to the lower expert. -> (N, k) int64.
+// values. Indices come out by descending value, ties to the lower expert; NaN counts as -inf (torch.topk ranks
+// it highest: only a diverged run sees the difference). -> (N, k) int64.
+//
+// Branch-free, so random scores cost no mispredictions: each (value, expert) becomes one unsigned 64-bit key,
+// the value's bits in an order-preserving form above the expert's index complemented, so the largest key is the
+// largest value and among equal values the lowest expert; pass t takes the largest key below pass t-1's (a
+// vectorised max). benchmarks/moe_layer.py's router (4096 rows, 64 experts in 8 groups, top-6, 2 threads):
+// 1.10 -> 0.42 ms against an insertion into a sorted list, whose branches random scores mispredict.
+namespace {
+inline float not_nan(float v) { return v == v ? v + 0.0f : -INFINITY; }  // NaN -> -inf; -0 -> +0 (ties with +0)
+inline uint64_t key_of(float v, int64_t j) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // unsigned order = float order (no NaN here)
+  return (static_cast<uint64_t>(u) << 32) | (0xffffffffu - static_cast<uint32_t>(j));
+}
+
+// max{keys[j] : keys[j] < below} (0 if none)
+inline uint64_t max_below(const uint64_t* keys, int64_t n, uint64_t below) {
+  int64_t j = 0;
+  uint64_t best = 0;
+#ifdef __AVX512F__
+  const __m512i lim = _mm512_set1_epi64(static_cast<long long>(below));
+  __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+  for (; j + 16 <= n; j += 16) {
+    const __m512i v0 = _mm512_loadu_si512(keys + j), v1 = _mm512_loadu_si512(keys + j + 8);
+    b0 = _mm512_mask_max_epu64(b0, _mm512_cmplt_epu64_mask(v0, lim), b0, v0);
+    b1 = _mm512_mask_max_epu64(b1, _mm512_cmplt_epu64_mask(v1, lim), b1, v1);
+  }
+  best = _mm512_reduce_max_epu64(_mm512_max_epu64(b0, b1));
+#endif
+  for (; j < n; ++j) best = std::max(best, keys[j] < below ? keys[j] : 0);
+  return best;
+}
+}  // namespace
+
 at::Tensor select_experts(const at::Tensor& choice, int64_t n_group, int64_t topk_group, int64_t k, bool sum_top2,
                           double fill_d) {
   check(choice, "choice", 2);
   const int64_t N = choice.size(0), E = choice.size(1);
-  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group && k >= 1 && k <= E,
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group && k >= 1 && k <= E &&
+                  E < (int64_t{1} << 32),
               "moeforge native router: bad group or top-k sizes");
   const int64_t per = E / n_group;
   TORCH_CHECK(!sum_top2 || n_group == 1 || per >= 2, "moeforge native router: sum_top2 needs groups of >= 2 experts");
   auto out = at::empty({N, k}, choice.options().dtype(at::kLong));
   const float* src = choice.data_ptr<float>();
   int64_t* dst = out.data_ptr<int64_t>();
-  const float fill = static_cast<float>(fill_d);
-  // a before b in the output: larger value, or equal value and lower index
-  auto before = [](float va, int64_t a, float vb, int64_t b) { return va > vb || (va == vb && a < b); };
+  const float fill = not_nan(static_cast<float>(fill_d));
+  const bool grouped = n_group > 1 && topk_group < n_group;
   at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
-    std::vector<float> gscore(n_group), vals(k);
-    std::vector<int64_t> groups(n_group), idx(k);
-    std::vector<char> kept(n_group);
+    std::vector<uint64_t> keys(E), gkeys(n_group);
+    std::vector<uint8_t> kept(n_group, 1);
     for (int64_t r = b; r < e; ++r) {
       const float* row = src + r * E;
-      std::fill(kept.begin(), kept.end(), 1);
-      if (n_group > 1 && topk_group < n_group) {
+      if (grouped) {
         for (int64_t g = 0; g < n_group; ++g) {
-          const float* v = row + g * per;
-          float m1 = v[0], m2 = -INFINITY;
-          for (int64_t j = 1; j < per; ++j) {
-            if (v[j] > m1) m2 = m1, m1 = v[j];
-            else if (v[j] > m2) m2 = v[j];
+          float m1 = -INFINITY, m2 = -INFINITY;  // the group's two largest
+          for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+            const float v = not_nan(row[j]);
+            m2 = std::max(m2, std::min(m1, v));
+            m1 = std::max(m1, v);
           }
-          gscore[g] = sum_top2 ? m1 + m2 : m1;
+          gkeys[g] = key_of(sum_top2 ? m1 + m2 : m1, g);
         }
-        std::iota(groups.begin(), groups.end(), 0);
-        std::partial_sort(groups.begin(), groups.begin() + topk_group, groups.end(),
-                          [&](int64_t a, int64_t c) { return before(gscore[a], a, gscore[c], c); });
         std::fill(kept.begin(), kept.end(), 0);
-        for (int64_t g = 0; g < topk_group; ++g) kept[groups[g]] = 1;
+        for (int64_t t = 0; t < topk_group; ++t) {
+          const int64_t g = 0xffffffffu - static_cast<uint32_t>(*std::max_element(gkeys.begin(), gkeys.end()));
+          kept[g] = 1;
+          gkeys[g] = 0;
+        }
       }
-      // insertion into the k best seen so far (sorted, best first), group by group; (tv, ti): the k-th best,
-      // which a later expert must beat (-inf / past-the-end until k are held: anything enters)
-      int64_t have = 0, ti = E;
-      float tv = -INFINITY;
-      float* vp = vals.data();
-      int64_t* ip = idx.data();
       for (int64_t g = 0; g < n_group; ++g) {
         const int64_t j0 = g * per;
-        const bool keep = kept[g];
-        // a dropped group's experts all hold `fill`: none can enter if its first one cannot
-        if (!keep && have == k && !before(fill, j0, tv, ti)) continue;
-        for (int64_t j = j0; j < j0 + per; ++j) {
-          const float v = keep ? row[j] : fill;
-          if (have == k && !before(v, j, tv, ti)) continue;
-          int64_t p = have < k ? have++ : k - 1;
-          while (p > 0 && before(v, j, vp[p - 1], ip[p - 1])) vp[p] = vp[p - 1], ip[p] = ip[p - 1], --p;
-          vp[p] = v, ip[p] = j;
-          if (have == k) tv = vp[k - 1], ti = ip[k - 1];
+        if (kept[g]) {
+#pragma omp simd
+          for (int64_t j = j0; j < j0 + per; ++j) keys[j] = key_of(not_nan(row[j]), j);
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j0 + per; ++j) keys[j] = key_of(fill, j);
         }
       }
-      std::copy(idx.begin(), idx.end(), dst + r * k);
+      // pass t: the largest key below pass t-1's (keys are distinct: each holds its expert)
+      uint64_t prev = ~uint64_t{0};
+      for (int64_t t = 0; t < k; ++t) {
+        prev = max_below(keys.data(), E, prev);
+        dst[r * k + t] = 0xffffffffu - static_cast<uint32_t>(prev);
+      }
     }
   });
   return out;
