@@ -227,6 +227,46 @@ def test_native_kernel_products_are_counted(native_ops, monkeypatch):
     assert got == want and want[0] > want[1] > 0
 
 
+_BLAS_SCRIPT = """
+import sys, torch
+from moeforge.ops import native
+sys.path.insert(0, {tests!r})
+from test_routed import _bigger_problem
+lib = native.ops()
+assert native.STATE == "on", native.STATE
+torch.set_num_threads(2)
+x, w1, w2, tok, counts, wts = _bigger_problem()
+out = []
+for lanes in (1, 2):
+    lib.set_lanes(lanes)
+    y, gu = lib.experts_fwd(x, w1, w2, tok, counts, wts, 0.0, 1)
+    out += [y, *lib.experts_bwd(y * 0.5, x, w1, w2, tok, counts, wts, gu, 0.0, 1, True, True, True, True)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_native_products_through_aten_give_the_same_numbers(native_ops, tmp_path):
+    """The kernel calls the BLAS sgemm PyTorch exports for its fp32 products; MOEFORGE_NATIVE_BLAS=0 sends them
+    through at::mm_out instead (what builds that export no sgemm do): the same numbers, bit for bit, in one lane
+    and in two."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(_BLAS_SCRIPT.format(tests=str(Path(__file__).parent)))
+    results = []
+    for flag in ("1", "0"):
+        path = tmp_path / f"blas{flag}.pt"
+        env = {**os.environ, "MOEFORGE_NATIVE_BLAS": flag}
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=300)
+        results.append(torch.load(path))
+    assert len(results[0]) == 10
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_native_kernel_rejects_bad_input(native_ops):
     """Shapes, counts and token ids are checked before any pointer is followed: an error, not a crash."""
     x, w1, w2, tok, counts, wts = _bigger_problem()

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <numeric>
@@ -120,7 +121,11 @@ void scatter_add(const T* rows, const int64_t* idx, int64_t n, int64_t d, Acc& a
 // block); calling it directly gives the same numbers (tested bit for bit), the routed experts 1.5 ms sooner.
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                           const int*, const float*, const int*, const float*, float*, const int*);
-const sgemm_fn blas_sgemm = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+// MOEFORGE_NATIVE_BLAS=0 takes at::mm_out anyway (tests compare the two).
+const sgemm_fn blas_sgemm = [] {
+  const char* off = std::getenv("MOEFORGE_NATIVE_BLAS");
+  return off && std::strcmp(off, "0") == 0 ? nullptr : reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+}();
 
 // C (m x n, row stride ldc) = op(A) op(B), row-major, A (m x k) and B (k x n) after op; ta / tb: the operand is
 // stored transposed (k x m / n x k, row stride lda / ldb).
