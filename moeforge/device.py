@@ -379,11 +379,15 @@ def doctor_report(device: torch.device | str | None = None) -> dict[str, Any]:
 
 
 def _native_state() -> str:
-    """Build (once) and load moeforge's native CPU kernels; what happened (moeforge.ops.native.STATE)."""
+    """Build (once) and load moeforge's native CPU kernels; what happened (moeforge.ops.native.STATE), and where
+    they are on, how their fp32 products run."""
     from moeforge.ops import native
 
-    native.ops()
-    return native.STATE
+    lib = native.ops()
+    if lib is None:
+        return native.STATE
+    return native.STATE + (", fp32 products on MKL's sgemm directly" if lib.direct_blas() else
+                           ", fp32 products through ATen's mm")
 
 
 def print_doctor(report: dict[str, Any]) -> None:

@@ -4,8 +4,9 @@ The MoE block's routed experts, forward and backward, for fp32 and bf16 CPU tens
 `experts_bwd`, taken by moeforge.ops.routed.routed_swiglu in training). It runs the same per-expert loop as
 the Python one, with each segment's gather, SwiGLU, gate weighting and scatter-add written as one pass over
 rows still in cache, the sigmoid kept from the first backward pass for the second, and no Python or
-dispatcher work between the products: fp32 ones call the BLAS sgemm PyTorch's library exports (MKL on
-x86-64; ATen's `mm` where it exports none, or with MOEFORGE_NATIVE_BLAS=0: the same numbers), bf16 ones ATen's
+dispatcher work between the products: fp32 ones call MKL's sgemm in PyTorch's own library where PyTorch
+has MKL (x86-64; elsewhere, or with MOEFORGE_NATIVE_BLAS=0, ATen's `mm`: the same numbers; `direct_blas()`
+says which), bf16 ones ATen's
 `mm` (oneDNN: there each segment is multiplied as `step` rows, its count rounded up to the row bucket with
 zero rows, as the Python loop does for oneDNN's kernel cache). Every elementwise step runs in fp32 (the Python loop rounds to bf16
 after each); the output and the input gradient are summed in fp32. Also the router's group-limited top-k

@@ -236,7 +236,7 @@ lib = native.ops()
 assert native.STATE == "on", native.STATE
 torch.set_num_threads(2)
 x, w1, w2, tok, counts, wts = _bigger_problem()
-out = []
+out = [torch.tensor(lib.direct_blas())]
 for lanes in (1, 2):
     lib.set_lanes(lanes)
     y, gu = lib.experts_fwd(x, w1, w2, tok, counts, wts, 0.0, 1)
@@ -246,9 +246,9 @@ torch.save(out, sys.argv[1])
 
 
 def test_native_products_through_aten_give_the_same_numbers(native_ops, tmp_path):
-    """The kernel calls the BLAS sgemm PyTorch exports for its fp32 products; MOEFORGE_NATIVE_BLAS=0 sends them
-    through at::mm_out instead (what builds that export no sgemm do): the same numbers, bit for bit, in one lane
-    and in two."""
+    """Where PyTorch has MKL the kernel calls its sgemm directly for the fp32 products; MOEFORGE_NATIVE_BLAS=0
+    sends them through at::mm_out instead (what builds without MKL do): the same numbers, bit for bit, in one
+    lane and in two."""
     import os
     import subprocess
     import sys
@@ -262,6 +262,8 @@ def test_native_products_through_aten_give_the_same_numbers(native_ops, tmp_path
         env = {**os.environ, "MOEFORGE_NATIVE_BLAS": flag}
         subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=300)
         results.append(torch.load(path))
+    direct = [bool(r.pop(0)) for r in results]
+    assert direct == [torch.backends.mkl.is_available(), False]
     assert len(results[0]) == 10
     for a, b in zip(*results):
         assert torch.equal(a, b)

@@ -115,16 +115,20 @@ void scatter_add(const T* rows, const int64_t* idx, int64_t n, int64_t d, Acc& a
   });
 }
 
-// The Fortran BLAS sgemm that PyTorch's CPU library exports (MKL in x86-64 builds), found at load time; null
-// where this build exports none (then at::mm_out). at::mm_out reaches the same routine through the dispatcher
+// The Fortran BLAS sgemm that PyTorch's CPU library exports (MKL's, in builds with MKL: x86-64), found at load
+// time; null without MKL (then at::mm_out). at::mm_out reaches the same routine through the dispatcher
 // after a few tensor views per product (~3,000 ATen calls per forward + backward of benchmarks/moe_layer.py's
 // block); calling it directly gives the same numbers (tested bit for bit), the routed experts 1.5 ms sooner.
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                           const int*, const float*, const int*, const float*, float*, const int*);
-// MOEFORGE_NATIVE_BLAS=0 takes at::mm_out anyway (tests compare the two).
-const sgemm_fn blas_sgemm = [] {
+// Only MKL's, looked up in PyTorch's own library (another BLAS in the process may export the same name, and not
+// every BLAS may be called from several threads at once); MOEFORGE_NATIVE_BLAS=0 takes at::mm_out anyway
+// (tests compare the two).
+const sgemm_fn blas_sgemm = []() -> sgemm_fn {
   const char* off = std::getenv("MOEFORGE_NATIVE_BLAS");
-  return off && std::strcmp(off, "0") == 0 ? nullptr : reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  if ((off && std::strcmp(off, "0") == 0) || !at::hasMKL()) return nullptr;
+  void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  return torch_cpu ? reinterpret_cast<sgemm_fn>(dlsym(torch_cpu, "sgemm_")) : nullptr;
 }();
 
 // C (m x n, row stride ldc) = op(A) op(B), row-major, A (m x k) and B (k x n) after op; ta / tb: the operand is
@@ -627,6 +631,9 @@ std::vector<at::Tensor> sort_pairs(const at::Tensor& indices, int64_t E) {
 
 void set_lanes(int64_t n) { g_lanes = n; }
 
+// Whether the fp32 products call MKL's sgemm directly (else at::mm_out).
+bool direct_blas() { return blas_sgemm != nullptr; }
+
 TORCH_LIBRARY(moeforge_native, m) {
   m.def("experts_fwd(Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, float limit, int step) -> "
         "Tensor[]");
@@ -634,6 +641,7 @@ TORCH_LIBRARY(moeforge_native, m) {
       "experts_bwd(Tensor gout, Tensor x, Tensor w1, Tensor w2, Tensor tok, Tensor counts, Tensor w, Tensor gu, "
       "float limit, int step, bool need_x, bool need_w1, bool need_w2, bool need_w) -> Tensor[]");
   m.def("set_lanes(int n) -> ()", &set_lanes);
+  m.def("direct_blas() -> bool", &direct_blas);
   m.def("sort_pairs(Tensor indices, int E) -> Tensor[]", &sort_pairs);
   m.def("select_experts(Tensor choice, int n_group, int topk_group, int k, bool sum_top2, float fill) -> Tensor",
         &select_experts);
