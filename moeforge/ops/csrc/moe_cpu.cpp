@@ -180,8 +180,9 @@ struct Buffers {
   }
 };
 
-// One row of the weighted SwiGLU: out = silu(g) * u * wr, and with KEEP_SG sg = sigmoid(g) (the backward's). CLAMP: DeepSeek-V4's swiglu_limit (gate <= limit, -limit <= up <= limit). See swiglu_grad_row for why
-// these are functions of their own.
+// One row of the weighted SwiGLU: out = silu(g) * u * wr, and with KEEP_SG sg = sigmoid(g) (the backward's).
+// CLAMP: DeepSeek-V4's swiglu_limit (gate <= limit, -limit <= up <= limit). See swiglu_grad_row for why these
+// are functions of their own.
 template <bool CLAMP, bool KEEP_SG, typename T>
 inline void swiglu_row(const T* __restrict g, const T* __restrict u, float wr, float limit, T* __restrict out,
                        float* __restrict sg, int64_t I) {
